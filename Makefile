@@ -1,0 +1,41 @@
+# capattn — `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CAPATTN := $(BIN)/capattn
+export HF_DATASETS_OFFLINE ?= 1
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.DEFAULT_GOAL := help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(BIN)/capattn: pyproject.toml constraints.txt
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# constraints.txt pins torch/torchvision, so pip never pulls a multi-GB CUDA torch
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+install: $(BIN)/capattn  ## create .venv and install capattn with its dev tools
+
+demo: install  ## train both baselines on the built-in shapes data, print a table, write attention PNGs
+	$(CAPATTN) fit --config experiments/demo_show_tell.yaml
+	$(CAPATTN) fit --config experiments/demo_show_attend_tell.yaml
+	$(CAPATTN) report --latest runs/demo
+	@echo "attention figures: $$(ls -d runs/demo/*/version_*/attention | tail -n 2 | tr '\n' ' ')"
+
+test: install  ## run the fast test suite
+	$(BIN)/pytest -q
+
+test-full: install  ## run every test, the slow end-to-end ones too
+	$(BIN)/pytest -q -m ''
+
+lint: install  ## ruff: lint and format check
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+.PHONY: help install demo test test-full lint

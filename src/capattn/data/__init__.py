@@ -1,0 +1,1 @@
+"""Data: records, readers, the synthetic shapes world and the Lightning datamodule."""

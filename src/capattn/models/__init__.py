@@ -1,0 +1,1 @@
+"""Models: the image encoder, attention, and the caption decoders."""

@@ -1,0 +1,276 @@
+"""``CaptioningModule``: training, decoding and scoring for any encoder + decoder pair."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from capattn.data.records import CaptionBatch
+from capattn.decoding import Captions, beam_search
+from capattn.errors import VocabularyMismatchError
+from capattn.io import write_json_atomic
+from capattn.metrics import SCORERS, CaptionScorer
+from capattn.models.decoders import CaptionDecoder
+from capattn.models.encoder import EncoderOutput, ImageEncoder
+from capattn.vocab import Vocabulary
+
+_VOCAB_KEY = "capattn_vocabulary"
+_TIME_KEY = "capattn_train_time_s"
+
+
+class CaptioningModule(L.LightningModule):
+    """Trains an image encoder and a caption decoder; decodes and scores captions.
+
+    The module never asks which decoder it holds: it calls ``decoder.forward`` for teacher
+    forcing and ``beam_search`` (which uses ``prepare``/``init_state``/``step``) for captions.
+
+    Args:
+        encoder: the image encoder.
+        decoder: any ``CaptionDecoder``; its ``vocab_size`` is linked from the data by the CLI.
+        optimizer: optimiser factory (``class_path``/``init_args`` in YAML); gets the trainable parameters.
+        scheduler: optional LR scheduler factory; ``ReduceLROnPlateau`` watches ``scheduler_monitor``.
+        scheduler_monitor: metric a plateau scheduler watches.
+        beam_size: beams when decoding in validation, test and predict (1 = greedy).
+        max_len: most tokens per decoded caption.
+        length_alpha: GNMT length-penalty α for ranking beams (0 = none).
+        label_smoothing: of the cross-entropy.
+        val_scorers: metrics computed every validation (METEOR is slow: it starts a JVM).
+        test_scorers: metrics computed in test.
+        tokenizer: ``"ptb"`` (the official PTB tokenizer, needs Java) or ``"simple"`` for metrics.
+        output_dir: where test results and figures go (default: the logger's run folder).
+    """
+
+    def __init__(
+        self,
+        *,
+        encoder: ImageEncoder,
+        decoder: CaptionDecoder,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        scheduler: LRSchedulerCallable | None = None,
+        scheduler_monitor: str = "val/loss",
+        beam_size: int = 3,
+        max_len: int = 20,
+        length_alpha: float = 0.0,
+        label_smoothing: float = 0.0,
+        val_scorers: tuple[str, ...] = ("bleu", "rouge", "cider"),
+        test_scorers: tuple[str, ...] = SCORERS,
+        tokenizer: Literal["ptb", "simple"] = "ptb",
+        output_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        wanted = getattr(decoder, "feature_dim", encoder.out_dim)
+        if wanted != encoder.out_dim:
+            raise ValueError(
+                f"the encoder ({encoder.backbone}) gives D={encoder.out_dim} features but the decoder expects "
+                f"feature_dim={wanted}: set model.decoder.init_args.feature_dim={encoder.out_dim}"
+            )
+        self.save_hyperparameters()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.vocab: Vocabulary | None = None
+        self.val_scorer = CaptionScorer(scorers=val_scorers, tokenizer=tokenizer)
+        self.test_scorer = CaptionScorer(scorers=test_scorers, tokenizer=tokenizer)
+        self._train_time_s = 0.0  # carried in checkpoints, so a resumed run keeps counting
+        self._fit_started: float | None = None
+
+    # --- vocabulary -------------------------------------------------------------------------
+
+    def _adopt_vocab(self, vocab: Vocabulary, source: str) -> None:
+        if vocab != self.vocab and self.vocab is not None:
+            raise VocabularyMismatchError(
+                f"{source} has a vocabulary of {len(vocab)} tokens but the model's has {len(self.vocab)}: "
+                "use the dataset settings (reader, min_word_count, max_vocab_size) the checkpoint was trained with"
+            )
+        if len(vocab) != self.decoder.vocab_size:
+            raise VocabularyMismatchError(
+                f"{source} has a vocabulary of {len(vocab)} tokens but the decoder was built for "
+                f"{self.decoder.vocab_size}: leave model.decoder.init_args.vocab_size to the CLI link"
+            )
+        self.vocab = vocab
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "vocab"):
+            self._adopt_vocab(datamodule.vocab, "the data")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.vocab is not None:
+            checkpoint[_VOCAB_KEY] = self.vocab.to_dict()
+        checkpoint[_TIME_KEY] = self.train_time_s
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if _VOCAB_KEY in checkpoint:
+            saved = Vocabulary.from_dict(checkpoint[_VOCAB_KEY])
+            if self.vocab is not None and saved != self.vocab:
+                raise VocabularyMismatchError(
+                    f"checkpoint vocabulary has {len(saved)} tokens but the data's has {len(self.vocab)}: "
+                    "use the dataset settings (reader, min_word_count, max_vocab_size) the checkpoint was trained with"
+                )
+            self.vocab = saved
+        # A resumed fit starts from the saved time; testing right after fit keeps the whole fit's time.
+        self._train_time_s = max(self._train_time_s, float(checkpoint.get(_TIME_KEY, 0.0)))
+
+    def _require_vocab(self) -> Vocabulary:
+        if self.vocab is None:
+            raise RuntimeError("no vocabulary: train with a datamodule or load a capattn checkpoint")
+        return self.vocab
+
+    # --- timing -------------------------------------------------------------------------------
+
+    @property
+    def train_time_s(self) -> float:
+        """Wall-clock seconds of fitting so far (training and validation), across resumes."""
+        running = time.perf_counter() - self._fit_started if self._fit_started is not None else 0.0
+        return self._train_time_s + running
+
+    def on_train_start(self) -> None:
+        self._fit_started = time.perf_counter()
+
+    def on_train_end(self) -> None:
+        self._train_time_s = self.train_time_s
+        self._fit_started = None
+
+    # --- training -----------------------------------------------------------------------------
+
+    def encode(self, batch: CaptionBatch) -> EncoderOutput:
+        """Encoder output of a batch: cached features if the batch has them, else the encoder's."""
+        return batch.features if batch.features is not None else self.encoder(batch.images)
+
+    def _losses(self, batch: CaptionBatch) -> dict[str, torch.Tensor]:
+        out = self.decoder(self.encode(batch), batch.tokens, batch.lengths)
+        targets = batch.tokens[:, 1:]  # (B, T−1): token t+1 is predicted at step t
+        ce = F.cross_entropy(
+            out.logits.flatten(0, 1),  # (B*(T−1), V)
+            targets.flatten(),
+            ignore_index=self._require_vocab().pad,  # pads never count
+            label_smoothing=self.hparams.label_smoothing,
+        )
+        return {"loss": ce + out.aux_loss, "ce": ce, "aux": out.aux_loss}
+
+    def training_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor:
+        losses = self._losses(batch)
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=len(batch))
+        self.log("train/ce", losses["ce"], batch_size=len(batch))
+        self.log("train/aux", losses["aux"], batch_size=len(batch))
+        return losses["loss"]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": self.hparams.scheduler_monitor},
+        }
+
+    # --- decoding -----------------------------------------------------------------------------
+
+    def decode(self, enc: EncoderOutput) -> Captions:
+        """Beam search (beam size from the config) over a batch of encoded images."""
+        vocab = self._require_vocab()
+        return beam_search(
+            self.decoder,
+            enc,
+            bos=vocab.bos,
+            eos=vocab.eos,
+            pad=vocab.pad,
+            beam_size=self.hparams.beam_size,
+            max_len=self.hparams.max_len,
+            length_alpha=self.hparams.length_alpha,
+        )
+
+    def _caption_batch(self, batch: CaptionBatch) -> dict[str, Any]:
+        vocab = self._require_vocab()
+        best = self.decode(self.encode(batch)).best()
+        tokens = best.tokens[:, 0]  # (B, T)
+        return {
+            "image_ids": batch.image_ids,
+            "captions": [vocab.decode(row.tolist()) for row in tokens],
+            "tokens": tokens,
+            "scores": best.scores[:, 0],
+            "alphas": None if best.alphas is None else best.alphas[:, 0],  # (B, T, L)
+        }
+
+    def validation_step(self, batch: CaptionBatch, batch_idx: int) -> None:
+        self.log("val/loss", self._losses(batch)["loss"], prog_bar=True, batch_size=len(batch), sync_dist=True)
+        out = self._caption_batch(batch)
+        self.val_scorer.update(out["image_ids"], out["captions"], batch.references)
+
+    def on_validation_epoch_end(self) -> None:
+        scores = self.val_scorer.compute()  # every rank gets the same scores of the whole split
+        self.val_scorer.reset()
+        for name, value in scores.items():
+            self.log(f"val/{name}", value, prog_bar=name in ("BLEU-4", "CIDEr-D"))
+
+    def test_step(self, batch: CaptionBatch, batch_idx: int) -> dict[str, Any]:
+        out = self._caption_batch(batch)
+        self.test_scorer.update(out["image_ids"], out["captions"], batch.references)
+        return out
+
+    def on_test_epoch_end(self) -> None:
+        hypotheses, _ = self.test_scorer.gather()
+        scores = self.test_scorer.compute()
+        self.test_scorer.reset()
+        for name, value in scores.items():
+            self.log(f"test/{name}", value)
+        if self.trainer.is_global_zero:
+            self._write_test_results(hypotheses, scores)
+
+    def predict_step(self, batch: CaptionBatch, batch_idx: int) -> list[dict[str, Any]]:
+        out = self._caption_batch(batch)
+        return [
+            {
+                "image_id": image_id,
+                "caption": caption,
+                "score": float(out["scores"][i]),
+                "alphas": None if out["alphas"] is None else out["alphas"][i].cpu(),
+            }
+            for i, (image_id, caption) in enumerate(zip(out["image_ids"], out["captions"], strict=True))
+        ]
+
+    # --- results ------------------------------------------------------------------------------
+
+    @property
+    def output_dir(self) -> Path:
+        """Folder of results JSONs and figures: ``output_dir`` if set, else the run's log folder."""
+        if self.hparams.output_dir:
+            return Path(self.hparams.output_dir)
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total and trainable parameters of encoder + decoder."""
+        params = list(self.encoder.parameters()) + list(self.decoder.parameters())
+        return {
+            "params": sum(p.numel() for p in params),
+            "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+        }
+
+    def _write_test_results(self, hypotheses: dict[str, str], scores: dict[str, float]) -> None:
+        results = [{"image_id": int(i) if i.isdigit() else i, "caption": c} for i, c in sorted(hypotheses.items())]
+        out = self.output_dir
+        write_json_atomic(out / "results_test.json", results)
+        logger = self.trainer.logger
+        write_json_atomic(
+            out / "metrics_test.json",
+            {
+                "run": getattr(logger, "name", None) or type(self.decoder).__name__,
+                "model": type(self.decoder).__name__,
+                "encoder": self.encoder.backbone,
+                **self.parameter_counts(),
+                "vocab_size": len(self._require_vocab()),
+                "beam_size": self.hparams.beam_size,
+                "images": len(hypotheses),
+                "train_time_s": round(self.train_time_s, 1),
+                "checkpoint": self.trainer.ckpt_path,
+                "metrics": scores,
+            },
+        )
