@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import capattn  # noqa: F401  (its torchvision guard must run before any test imports lightning)
+
 # Tests never touch the network: hub datasets, the wandb server and weight downloads are offline.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

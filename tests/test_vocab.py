@@ -11,7 +11,16 @@ from capattn.vocab import SPECIALS, Vocabulary, tokenize
 
 
 def test_tokenize_lowercases_and_strips_punctuation():
-    assert tokenize("A man, riding a HORSE!  On the beach.") == ["a", "man", "riding", "a", "horse", "on", "the", "beach"]
+    assert tokenize("A man, riding a HORSE!  On the beach.") == [
+        "a",
+        "man",
+        "riding",
+        "a",
+        "horse",
+        "on",
+        "the",
+        "beach",
+    ]
     assert tokenize("don't stop_here") == ["don", "t", "stop", "here"]
     assert tokenize(" ... ") == []
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-import capattn  # noqa: F401  (installs the torchvision guard before Lightning is imported)
 from lightning.pytorch.cli import LightningCLI
 
+import capattn  # noqa: F401  (installs the torchvision guard before Lightning is imported)
 from capattn.data.datamodule import CaptionDataModule
 from capattn.errors import CapattnError
 from capattn.module import CaptioningModule

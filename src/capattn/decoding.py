@@ -34,9 +34,7 @@ class Captions:
 
     def best(self) -> Captions:
         """The top caption of each image, K = 1."""
-        return Captions(
-            self.tokens[:, :1], self.scores[:, :1], None if self.alphas is None else self.alphas[:, :1]
-        )
+        return Captions(self.tokens[:, :1], self.scores[:, :1], None if self.alphas is None else self.alphas[:, :1])
 
 
 def tree_map(fn: Callable[[Tensor], Tensor], tree: Any) -> Any:
@@ -50,10 +48,14 @@ def tree_map(fn: Callable[[Tensor], Tensor], tree: Any) -> Any:
     if tree is None:
         return None
     if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-        return dataclasses.replace(tree, **{f.name: tree_map(fn, getattr(tree, f.name)) for f in dataclasses.fields(tree)})
+        return dataclasses.replace(
+            tree, **{f.name: tree_map(fn, getattr(tree, f.name)) for f in dataclasses.fields(tree)}
+        )
     if isinstance(tree, tuple):
-        return type(tree)(*(tree_map(fn, x) for x in tree)) if hasattr(tree, "_fields") else tuple(
-            tree_map(fn, x) for x in tree
+        return (
+            type(tree)(*(tree_map(fn, x) for x in tree))
+            if hasattr(tree, "_fields")
+            else tuple(tree_map(fn, x) for x in tree)
         )
     if isinstance(tree, list):
         return [tree_map(fn, x) for x in tree]
@@ -211,7 +213,7 @@ def beam_search(
         parent = torch.div(flat, vocab, rounding_mode="floor")  # (B, K)
         word = flat % vocab  # (B, K)
         rows = (offsets + parent).view(-1)  # (B*K,) rows of the flattened beams to keep
-        state = tree_map(lambda x: x.index_select(0, rows), out.state)
+        state = tree_map(lambda x, rows=rows: x.index_select(0, rows), out.state)
         history = torch.cat([history.gather(1, parent.unsqueeze(-1).expand_as(history)), word.unsqueeze(-1)], dim=-1)
         if out.alpha is not None:
             alpha = out.alpha.view(batch, k, -1).gather(1, parent.unsqueeze(-1).expand(-1, -1, out.alpha.shape[-1]))

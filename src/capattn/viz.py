@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+
 def attention_grid(alphas: Tensor, height: int, width: int) -> Tensor:
     """(T, L) attention weights over a square h×w grid → (T, height, width) maps, bilinearly upsampled."""
     steps, locations = alphas.shape
@@ -21,6 +22,7 @@ def attention_grid(alphas: Tensor, height: int, width: int) -> Tensor:
         raise ValueError(f"cannot draw attention over {locations} locations: the grid is not square")
     maps = alphas.reshape(steps, 1, side, side).float()  # (T, 1, h, w)
     return F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False).squeeze(1)
+
 
 def caption_figure(
     image: Tensor,
@@ -72,6 +74,7 @@ def caption_figure(
     plt.close(fig)
     return path
 
+
 def words_of(tokens: Tensor, itos: Sequence[str], *, eos: int, pad: int) -> list[str]:
     """Decoded words up to and including ``<eos>`` (each has an attention map), pads dropped."""
     words = []
@@ -82,4 +85,3 @@ def words_of(tokens: Tensor, itos: Sequence[str], *, eos: int, pad: int) -> list
         if i == eos:
             break
     return words
-

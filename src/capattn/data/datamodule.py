@@ -77,7 +77,12 @@ class CaptionDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, list[int], str, list[str]]:
         i, j = self.items[index]
         record = self.records[i]
-        return self.transform(self.reader.load_image(record)), self.encoded[i][j], record.image_id, list(record.captions)
+        return (
+            self.transform(self.reader.load_image(record)),
+            self.encoded[i][j],
+            record.image_id,
+            list(record.captions),
+        )
 
 
 def collate(items: list[tuple[Tensor, list[int], str, list[str]]], *, pad: int) -> CaptionBatch:

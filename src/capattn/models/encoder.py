@@ -62,7 +62,9 @@ def _torchvision_trunk(name: str, weights: str | None) -> tuple[nn.Module, int]:
             tv_weights = enum.verify(weights)
         except (KeyError, ValueError):
             names = ", ".join(["DEFAULT", *(w.name for w in enum)])
-            raise ValueError(f"unknown weights {weights!r} for {name}: choose one of {names}, or a local .pt file") from None
+            raise ValueError(
+                f"unknown weights {weights!r} for {name}: choose one of {names}, or a local .pt file"
+            ) from None
     try:
         model = torchvision.models.get_model(name, weights=tv_weights)
     except OSError as err:  # URLError is an OSError: no network, or a proxy in the way

@@ -1,0 +1,122 @@
+"""The real `capattn` command line on every experiment file, at tiny sizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from capattn.cli import main
+from capattn.module import CaptioningModule
+
+from .conftest import REPO_ROOT
+
+EXPERIMENTS = sorted((REPO_ROOT / "experiments").glob("*.yaml"))
+TINY = [
+    "--data.reader.init_args.num_train=24",
+    "--data.reader.init_args.num_val=6",
+    "--data.reader.init_args.num_test=6",
+    "--data.batch_size=8",
+    "--data.num_workers=0",
+    "--model.val_scorers=[bleu,cider]",
+    "--model.test_scorers=[bleu,cider]",
+    "--model.tokenizer=simple",
+]
+
+
+def run(*args: str) -> None:
+    main(list(args))
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/ lands in a temporary folder
+
+
+def test_every_experiment_starts_with_its_run_command():
+    assert EXPERIMENTS, "no experiments/*.yaml found"
+    for path in EXPERIMENTS:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# capattn ") and f"experiments/{path.name}" in first, path.name
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_experiment_runs_through_the_cli(config):
+    run("fit", "--config", str(config), "--trainer.fast_dev_run=1", *TINY)
+
+
+def test_print_config_shows_the_linked_vocab_and_overrides(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run("fit", "--print_config", "--config", str(EXPERIMENTS[0]), "--model.optimizer.init_args.lr=1e-3")
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.001" in out and "class_path: capattn.models.decoders" in out
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [("--model.no_such_key=1", "no_such_key"), ("--data.batch_size=many", "batch_size")],
+)
+def test_unknown_key_or_wrong_type_is_a_one_line_error(arg, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run("fit", "--config", str(EXPERIMENTS[0]), arg)
+    assert exit_.value.code != 0
+    assert message in capsys.readouterr().err
+
+
+def _fit(config: Path, *extra: str) -> Path:
+    run(
+        "fit",
+        "--config",
+        str(config),
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=1",
+        "--test_after_fit=true",
+        *TINY,
+        *extra,
+    )
+    (ckpt,) = Path("runs").rglob("last.ckpt")
+    return ckpt
+
+
+def test_fit_test_predict_and_checkpoint_alone(capsys):
+    config = next(p for p in EXPERIMENTS if "attend" in p.stem)
+    ckpt = _fit(config)
+    run_dir = ckpt.parent.parent
+    results = json.loads((run_dir / "results_test.json").read_text())
+    assert len(results) == 6 and set(results[0]) == {"image_id", "caption"}
+    metrics = json.loads((run_dir / "metrics_test.json").read_text())
+    assert {"BLEU-4", "CIDEr-D"} <= set(metrics["metrics"]) and metrics["params"] > 0
+    assert list((run_dir / "attention").glob("*.png"))
+
+    run("predict", "--config", str(config), "--ckpt_path", str(ckpt), *TINY)
+    assert "wrote 6 captions" in capsys.readouterr().out
+
+    # The checkpoint alone rebuilds the model, vocabulary included.
+    model = CaptioningModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False).eval()
+    assert model.vocab is not None and len(model.vocab) == model.decoder.vocab_size
+    with torch.no_grad():
+        captions = model.decode(model.encoder(torch.rand(2, 3, 48, 48)))
+    assert captions.tokens.shape[:2] == (2, 3)
+
+
+def test_checkpoint_from_another_vocabulary_is_a_clear_error(capsys):
+    ckpt = _fit(EXPERIMENTS[0])
+    with pytest.raises(SystemExit) as exit_:
+        run("test", "--config", str(EXPERIMENTS[0]), "--ckpt_path", str(ckpt), *TINY, "--data.max_vocab_size=20")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("capattn: error:") and "20" in err[-1] and "vocabulary" in err[-1]
+
+
+def test_report_compares_runs(capsys):
+    _fit(EXPERIMENTS[0])
+    run_report = pytest.raises(SystemExit)
+    with run_report as exit_:
+        run("report", "--latest", "runs")
+    assert exit_.value.code == 0
+    table = capsys.readouterr().out
+    assert "| run | model | params |" in table and "CIDEr-D" in table
