@@ -120,3 +120,36 @@ def test_report_compares_runs(capsys):
     assert exit_.value.code == 0
     table = capsys.readouterr().out
     assert "| run | model | params |" in table and "CIDEr-D" in table
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_scores_the_whole_split(tmp_path):
+    """`capattn fit` under DDP (2 gloo processes): test metrics cover every test image once."""
+    import subprocess
+    import sys
+
+    config = next(p for p in EXPERIMENTS if "attend" in p.stem)
+    cmd = [
+        sys.executable,
+        "-m",
+        "capattn.cli",
+        "fit",
+        "--config",
+        str(config),
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--test_after_fit=true",
+        *TINY,
+        "--data.reader.init_args.num_test=7",  # odd: DistributedSampler pads one image twice
+    ]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (metrics_file,) = Path(tmp_path, "runs").rglob("metrics_test.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["images"] == 7
+    results = json.loads((metrics_file.parent / "results_test.json").read_text())
+    assert len({r["image_id"] for r in results}) == 7

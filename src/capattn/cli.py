@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 
 from lightning.pytorch.cli import LightningCLI
@@ -45,6 +46,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {"report": _report}
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``capattn`` console script."""
+    # lightning 2.6 calls a torch pytree API that torch 2.13 deprecates, once per epoch: noise, not news.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     argv = sys.argv[1:] if argv is None else list(argv)
     passed = argv if argv != sys.argv[1:] else None  # LightningCLI warns when given sys.argv twice
     try:
