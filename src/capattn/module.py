@@ -80,6 +80,7 @@ class CaptioningModule(L.LightningModule):
         self.test_scorer = CaptionScorer(scorers=test_scorers, tokenizer=tokenizer)
         self._train_time_s = 0.0  # carried in checkpoints, so a resumed run keeps counting
         self._fit_started: float | None = None
+        self._output_dir: Path | None = None
 
     # --- vocabulary -------------------------------------------------------------------------
 
@@ -97,6 +98,9 @@ class CaptioningModule(L.LightningModule):
         self.vocab = vocab
 
     def setup(self, stage: str) -> None:
+        # Resolved here, on every rank: Trainer.log_dir broadcasts from rank 0, so reading it later
+        # from rank 0 alone (when writing results) would wait forever for the other ranks under DDP.
+        self._output_dir = Path(self.hparams.output_dir or self.trainer.log_dir or self.trainer.default_root_dir)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "vocab"):
             self._adopt_vocab(datamodule.vocab, "the data")
@@ -242,9 +246,9 @@ class CaptioningModule(L.LightningModule):
     @property
     def output_dir(self) -> Path:
         """Folder of results JSONs and figures: ``output_dir`` if set, else the run's log folder."""
-        if self.hparams.output_dir:
-            return Path(self.hparams.output_dir)
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        if self._output_dir is None:
+            raise RuntimeError("output_dir is known once the Trainer has set the module up")
+        return self._output_dir
 
     def parameter_counts(self) -> dict[str, int]:
         """Total and trainable parameters of encoder + decoder."""
