@@ -152,3 +152,25 @@ def test_ddp_on_two_cpu_processes_scores_the_whole_split(tmp_path):
     assert metrics["images"] == 7
     results = json.loads((metrics_file.parent / "results_test.json").read_text())
     assert len({r["image_id"] for r in results}) == 7
+
+
+def test_scheduler_and_wandb_logger_from_the_command_line():
+    """An LR scheduler and the wandb logger (offline) are plain config choices; results get their own run folder."""
+    run(
+        "fit",
+        "--config",
+        str(EXPERIMENTS[0]),
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--test_after_fit=true",
+        "--model.scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau",
+        "--model.scheduler.init_args.patience=0",
+        "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
+        "--trainer.logger.init_args.offline=true",
+        "--trainer.logger.init_args.save_dir=runs/wandb",
+        "--trainer.logger.init_args.project=capattn-tests",
+        *TINY,
+    )
+    (metrics,) = Path("runs/wandb").rglob("metrics_test.json")
+    assert metrics.parent.parent.name == "capattn-tests"  # save_dir/project/run-id

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import lightning as L
 import pytest
 import torch
@@ -22,7 +24,7 @@ def train_briefly(decoder_cls, tmp_path) -> tuple[list[float], dict, dict]:
         decoder=decoder_cls(
             vocab_size=dm.vocab_size, feature_dim=64, embed_dim=64, hidden_dim=128, dropout=0.1, **extra
         ),
-        optimizer=lambda params: torch.optim.Adam(params, lr=3e-3),
+        optimizer=functools.partial(torch.optim.Adam, lr=3e-3),
         beam_size=2,
         val_scorers=("bleu",),
         tokenizer="simple",

@@ -98,9 +98,7 @@ class CaptioningModule(L.LightningModule):
         self.vocab = vocab
 
     def setup(self, stage: str) -> None:
-        # Resolved here, on every rank: Trainer.log_dir broadcasts from rank 0, so reading it later
-        # from rank 0 alone (when writing results) would wait forever for the other ranks under DDP.
-        self._output_dir = Path(self.hparams.output_dir or self.trainer.log_dir or self.trainer.default_root_dir)
+        self._output_dir = Path(self.hparams.output_dir) if self.hparams.output_dir else self._run_dir()
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "vocab"):
             self._adopt_vocab(datamodule.vocab, "the data")
@@ -249,6 +247,20 @@ class CaptioningModule(L.LightningModule):
         if self._output_dir is None:
             raise RuntimeError("output_dir is known once the Trainer has set the module up")
         return self._output_dir
+
+    def _run_dir(self) -> Path:
+        """The run's folder, ``save_dir/name/version``, built the way ModelCheckpoint builds its own.
+
+        ``Trainer.log_dir`` is the logger's ``save_dir`` for wandb, so every wandb run would write
+        into the same folder. This runs in ``setup`` on every rank because it broadcasts from rank 0.
+        """
+        trainer = self.trainer
+        if not trainer.loggers:
+            return Path(trainer.default_root_dir)
+        logger = trainer.loggers[0]
+        version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+        path = str(Path(logger.save_dir or trainer.default_root_dir, str(logger.name), version))
+        return Path(trainer.strategy.broadcast(path))
 
     def parameter_counts(self) -> dict[str, int]:
         """Total and trainable parameters of encoder + decoder."""
