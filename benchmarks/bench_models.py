@@ -13,10 +13,10 @@ import platform
 import time
 from pathlib import Path
 
-import capattn  # noqa: F401  (torchvision guard first)
 import torch
 import torch.nn.functional as F
 
+import capattn  # noqa: F401  (torchvision guard first)
 from capattn.decoding import beam_search
 from capattn.models.decoders import ShowAttendTellDecoder, ShowTellDecoder
 from capattn.models.encoder import ImageEncoder
