@@ -76,6 +76,7 @@ class CaptioningModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.vocab: Vocabulary | None = None
+        self._vocab_source = ""
         self.val_scorer = CaptionScorer(scorers=val_scorers, tokenizer=tokenizer)
         self.test_scorer = CaptionScorer(scorers=test_scorers, tokenizer=tokenizer)
         self._train_time_s = 0.0  # carried in checkpoints, so a resumed run keeps counting
@@ -85,9 +86,10 @@ class CaptioningModule(L.LightningModule):
     # --- vocabulary -------------------------------------------------------------------------
 
     def _adopt_vocab(self, vocab: Vocabulary, source: str) -> None:
-        if vocab != self.vocab and self.vocab is not None:
+        """Takes ``vocab`` from ``source`` ("the data", "the checkpoint"), refusing one that differs."""
+        if self.vocab is not None and vocab != self.vocab:
             raise VocabularyMismatchError(
-                f"{source} has a vocabulary of {len(vocab)} tokens but the model's has {len(self.vocab)}: "
+                f"{source} has a vocabulary of {len(vocab)} tokens but {self._vocab_source} has {len(self.vocab)}: "
                 "use the dataset settings (reader, min_word_count, max_vocab_size) the checkpoint was trained with"
             )
         if len(vocab) != self.decoder.vocab_size:
@@ -95,7 +97,7 @@ class CaptioningModule(L.LightningModule):
                 f"{source} has a vocabulary of {len(vocab)} tokens but the decoder was built for "
                 f"{self.decoder.vocab_size}: leave model.decoder.init_args.vocab_size to the CLI link"
             )
-        self.vocab = vocab
+        self.vocab, self._vocab_source = vocab, source
 
     def setup(self, stage: str) -> None:
         self._output_dir = Path(self.hparams.output_dir) if self.hparams.output_dir else self._run_dir()
@@ -109,14 +111,10 @@ class CaptioningModule(L.LightningModule):
         checkpoint[_TIME_KEY] = self.train_time_s
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs before the weights are loaded, so a vocabulary mismatch is reported as such, not as
+        # a tensor-shape error deep inside load_state_dict.
         if _VOCAB_KEY in checkpoint:
-            saved = Vocabulary.from_dict(checkpoint[_VOCAB_KEY])
-            if self.vocab is not None and saved != self.vocab:
-                raise VocabularyMismatchError(
-                    f"checkpoint vocabulary has {len(saved)} tokens but the data's has {len(self.vocab)}: "
-                    "use the dataset settings (reader, min_word_count, max_vocab_size) the checkpoint was trained with"
-                )
-            self.vocab = saved
+            self._adopt_vocab(Vocabulary.from_dict(checkpoint[_VOCAB_KEY]), "the checkpoint")
         # A resumed fit starts from the saved time; testing right after fit keeps the whole fit's time.
         self._train_time_s = max(self._train_time_s, float(checkpoint.get(_TIME_KEY, 0.0)))
 
