@@ -26,7 +26,6 @@ demo: install  ## train both baselines on the built-in shapes data, print a tabl
 	$(CAPATTN) fit --config experiments/demo_show_tell.yaml
 	$(CAPATTN) fit --config experiments/demo_show_attend_tell.yaml
 	$(CAPATTN) report --latest runs/demo
-	@echo "attention figures: $$(ls -d runs/demo/*/version_*/attention | tail -n 2 | tr '\n' ' ')"
 
 test: install  ## run the fast test suite
 	$(BIN)/pytest -q

@@ -61,4 +61,9 @@ def main(argv: list[str]) -> int:
     if not runs:
         raise DataError(f"no {METRICS_FILE} under {', '.join(map(str, args.paths))} — run `capattn test` first")
     print(markdown_table(runs))
+    print()
+    for run in runs:
+        figures = sorted(Path(run["path"]).glob("attention/*.png"))
+        shown = f" — figures: {figures[0].parent}/" if figures else ""
+        print(f"{run['run']}: {run['path']}{shown}")
     return 0
