@@ -1,0 +1,26 @@
+"""The whole demo, as `make demo` runs it: attention must beat Show and Tell on the shapes world."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from capattn.cli import main
+
+from .conftest import REPO_ROOT
+
+
+@pytest.mark.slow
+def test_demo_attention_beats_show_and_tell(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scores = {}
+    for name in ("demo_show_tell", "demo_show_attend_tell"):
+        main(["fit", "--config", str(REPO_ROOT / "experiments" / f"{name}.yaml"), "--trainer.enable_progress_bar=false"])
+    for path in Path("runs/demo").rglob("metrics_test.json"):
+        data = json.loads(path.read_text())
+        scores[data["run"]] = data["metrics"]
+        assert list(path.parent.glob("attention/*.png")), f"no figure in {path.parent}"
+    assert scores["show_attend_tell"]["CIDEr-D"] > scores["show_tell"]["CIDEr-D"] + 0.5, scores
+    assert scores["show_attend_tell"]["BLEU-4"] > 0.45, scores
