@@ -17,7 +17,8 @@ def test_demo_attention_beats_show_and_tell(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     scores = {}
     for name in ("demo_show_tell", "demo_show_attend_tell"):
-        main(["fit", "--config", str(REPO_ROOT / "experiments" / f"{name}.yaml"), "--trainer.enable_progress_bar=false"])
+        config = REPO_ROOT / "experiments" / f"{name}.yaml"
+        main(["fit", "--config", str(config), "--trainer.enable_progress_bar=false"])
     for path in Path("runs/demo").rglob("metrics_test.json"):
         data = json.loads(path.read_text())
         scores[data["run"]] = data["metrics"]
