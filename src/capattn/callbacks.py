@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from capattn.io import write_json_atomic
+from capattn.io import coco_image_id, write_json_atomic
 from capattn.viz import caption_figure, words_of
 
 
@@ -25,9 +25,7 @@ class CaptionWriter(BasePredictionWriter):
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:
         rows = [
-            {"image_id": int(p["image_id"]) if p["image_id"].isdigit() else p["image_id"], "caption": p["caption"]}
-            for batch in predictions
-            for p in batch
+            {"image_id": coco_image_id(p["image_id"]), "caption": p["caption"]} for batch in predictions for p in batch
         ]
         # Each rank writes its own shard under DDP; rank 0 alone writes the plain file name.
         name = self.filename if trainer.world_size == 1 else f"rank{trainer.global_rank}-{self.filename}"

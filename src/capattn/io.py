@@ -1,4 +1,4 @@
-"""Writing result files so that a crash mid-write never leaves a truncated file behind."""
+"""Result files: COCO-style ids, and writes that never leave a truncated file behind."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+
+def coco_image_id(image_id: str) -> int | str:
+    """COCO results files use integer image ids; ids that are not digits (the shapes world's) stay strings."""
+    return int(image_id) if image_id.isdigit() else image_id
 
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:

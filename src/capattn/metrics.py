@@ -218,7 +218,13 @@ class CaptionScorer:
             ValueError: nothing was collected on any rank, or see ``gather``.
             RuntimeError: scoring failed (on rank 0, under DDP).
         """
-        hypotheses, references = self.gather()
+        return self.score(*self.gather())
+
+    def score(self, hypotheses: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
+        """Scores captions already gathered by ``gather`` (same on every rank); a collective call under DDP.
+
+        For callers that also need the gathered captions (to write a results file) without gathering twice.
+        """
         # Every rank holds the same gathered captions, so input errors are raised by all ranks alike.
         _check_captions(hypotheses, references)
         if not _distributed():

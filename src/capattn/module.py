@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from capattn.data.records import CaptionBatch
 from capattn.decoding import Captions, beam_search
 from capattn.errors import VocabularyMismatchError
-from capattn.io import write_json_atomic
+from capattn.io import coco_image_id, write_json_atomic
 from capattn.metrics import SCORERS, CaptionScorer
 from capattn.models.decoders import CaptionDecoder
 from capattn.models.encoder import EncoderOutput, ImageEncoder
@@ -217,8 +217,8 @@ class CaptioningModule(L.LightningModule):
         return out
 
     def on_test_epoch_end(self) -> None:
-        hypotheses, _ = self.test_scorer.gather()
-        scores = self.test_scorer.compute()
+        hypotheses, references = self.test_scorer.gather()
+        scores = self.test_scorer.score(hypotheses, references)
         self.test_scorer.reset()
         for name, value in scores.items():
             self.log(f"test/{name}", value)
@@ -269,7 +269,7 @@ class CaptioningModule(L.LightningModule):
         }
 
     def _write_test_results(self, hypotheses: dict[str, str], scores: dict[str, float]) -> None:
-        results = [{"image_id": int(i) if i.isdigit() else i, "caption": c} for i, c in sorted(hypotheses.items())]
+        results = [{"image_id": coco_image_id(i), "caption": c} for i, c in sorted(hypotheses.items())]
         out = self.output_dir
         write_json_atomic(out / "results_test.json", results)
         logger = self.trainer.logger
