@@ -144,8 +144,8 @@ class CaptioningModule(L.LightningModule):
         """Encoder output of a batch: cached features if the batch has them, else the encoder's."""
         return batch.features if batch.features is not None else self.encoder(batch.images)
 
-    def _losses(self, batch: CaptionBatch) -> dict[str, torch.Tensor]:
-        out = self.decoder(self.encode(batch), batch.tokens, batch.lengths)
+    def _losses(self, batch: CaptionBatch, enc: EncoderOutput) -> dict[str, torch.Tensor]:
+        out = self.decoder(enc, batch.tokens, batch.lengths)
         targets = batch.tokens[:, 1:]  # (B, T−1): token t+1 is predicted at step t
         ce = F.cross_entropy(
             out.logits.flatten(0, 1),  # (B*(T−1), V)
@@ -156,7 +156,7 @@ class CaptioningModule(L.LightningModule):
         return {"loss": ce + out.aux_loss, "ce": ce, "aux": out.aux_loss}
 
     def training_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor:
-        losses = self._losses(batch)
+        losses = self._losses(batch, self.encode(batch))
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=len(batch))
         self.log("train/ce", losses["ce"], batch_size=len(batch))
         self.log("train/aux", losses["aux"], batch_size=len(batch))
@@ -188,9 +188,9 @@ class CaptioningModule(L.LightningModule):
             length_alpha=self.hparams.length_alpha,
         )
 
-    def _caption_batch(self, batch: CaptionBatch) -> dict[str, Any]:
+    def _caption_batch(self, batch: CaptionBatch, enc: EncoderOutput) -> dict[str, Any]:
         vocab = self._require_vocab()
-        best = self.decode(self.encode(batch)).best()
+        best = self.decode(enc).best()
         tokens = best.tokens[:, 0]  # (B, T)
         return {
             "image_ids": batch.image_ids,
@@ -201,8 +201,9 @@ class CaptioningModule(L.LightningModule):
         }
 
     def validation_step(self, batch: CaptionBatch, batch_idx: int) -> None:
-        self.log("val/loss", self._losses(batch)["loss"], prog_bar=True, batch_size=len(batch), sync_dist=True)
-        out = self._caption_batch(batch)
+        enc = self.encode(batch)  # once for both the teacher-forced loss and the decoded captions
+        self.log("val/loss", self._losses(batch, enc)["loss"], prog_bar=True, batch_size=len(batch), sync_dist=True)
+        out = self._caption_batch(batch, enc)
         self.val_scorer.update(out["image_ids"], out["captions"], batch.references)
 
     def on_validation_epoch_end(self) -> None:
@@ -212,7 +213,7 @@ class CaptioningModule(L.LightningModule):
             self.log(f"val/{name}", value, prog_bar=name in ("BLEU-4", "CIDEr-D"))
 
     def test_step(self, batch: CaptionBatch, batch_idx: int) -> dict[str, Any]:
-        out = self._caption_batch(batch)
+        out = self._caption_batch(batch, self.encode(batch))
         self.test_scorer.update(out["image_ids"], out["captions"], batch.references)
         return out
 
@@ -226,7 +227,7 @@ class CaptioningModule(L.LightningModule):
             self._write_test_results(hypotheses, scores)
 
     def predict_step(self, batch: CaptionBatch, batch_idx: int) -> list[dict[str, Any]]:
-        out = self._caption_batch(batch)
+        out = self._caption_batch(batch, self.encode(batch))
         return [
             {
                 "image_id": image_id,

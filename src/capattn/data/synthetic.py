@@ -3,8 +3,8 @@
 Every image shows one to three shapes (circle, square or triangle; red, green, blue, yellow or
 white; small or large), each in its own cell of a 3×3 grid with a little jitter inside the cell,
 on a dark, noisy background. Every image gets five different captions, drawn from templates that
-vary in detail the way human references do: kinds ("two circles
-and a square"), a list of coloured shapes ("a red circle and a blue square"), a spatial relation
+vary in detail the way human references do: kinds ("two circles and a square"), a list of
+coloured shapes ("a red circle and a blue square"), a spatial relation
 ("a small red circle left of a large blue square", "the red circle is above the blue square"),
 or a position on the grid ("there is one small yellow square in the top left corner"). Every
 relation and position is true of the scene: "left of" means a smaller column, "above" a smaller
