@@ -35,6 +35,23 @@ def _in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # runs/ lands in a temporary folder
 
 
+def test_help_lists_every_command_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from capattn.cli import main; main(['--help']); assert 'torch' not in sys.modules"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for command in ("fit", "validate", "test", "predict", "prepare", "evaluate", "caption", "report", "sweep"):
+        assert f"\n  {command} " in out
+
+
+def test_unknown_command_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run("trian")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == "capattn: error: unknown command 'trian' — see `capattn --help`"
+
+
 def test_every_experiment_starts_with_its_run_command():
     assert EXPERIMENTS, "no experiments/*.yaml found"
     for path in EXPERIMENTS:
@@ -114,10 +131,7 @@ def test_checkpoint_from_another_vocabulary_is_a_clear_error(capsys):
 
 def test_report_compares_runs(capsys):
     _fit(EXPERIMENTS[0])
-    run_report = pytest.raises(SystemExit)
-    with run_report as exit_:
-        run("report", "--latest", "runs")
-    assert exit_.value.code == 0
+    assert main(["report", "--latest", "runs"]) == 0
     table = capsys.readouterr().out
     assert "| run | model | params |" in table and "CIDEr-D" in table
 

@@ -11,17 +11,17 @@ Calling ``torchvision.ops.nms`` then still fails with torchvision's own clear er
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
+import sys
 from pathlib import Path
-
-import torch
 
 # Schemas exactly as torchvision's csrc/ops/nms.cpp and quantized qnms declare them.
 _SCHEMAS = {
     "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
     "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
 }
-_library: torch.library.Library | None = None  # kept alive: a Library frees its ops when collected
+_library = None  # torch.library.Library, kept alive  # kept alive: a Library frees its ops when collected
 
 
 def _extension_loads() -> bool:
@@ -31,6 +31,8 @@ def _extension_loads() -> bool:
     candidates = sorted(Path(spec.origin).parent.glob("_C*.so")) + sorted(Path(spec.origin).parent.glob("_C*.pyd"))
     if not candidates:
         return False
+    import torch
+
     try:
         torch.ops.load_library(str(candidates[0]))
     except (OSError, RuntimeError):
@@ -45,6 +47,8 @@ def ensure_torchvision_importable() -> bool:
         True when the guard acted (the extension is unusable), False when nothing was needed.
     """
     global _library
+    import torch
+
     if _library is not None:
         return True
     if _extension_loads() or hasattr(torch.ops.torchvision, "nms"):
@@ -55,4 +59,19 @@ def ensure_torchvision_importable() -> bool:
     return True
 
 
-ensure_torchvision_importable()
+class _GuardBeforeTorchvision(importlib.abc.MetaPathFinder):
+    """Runs the guard once, just before the first ``import torchvision``; finds nothing itself."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchvision":
+            sys.meta_path.remove(self)
+            ensure_torchvision_importable()
+        return None
+
+
+def install_import_hook() -> None:
+    """Arranges for the guard to run before torchvision is imported (at once if it already was)."""
+    if "torchvision" in sys.modules:
+        return
+    if not any(isinstance(f, _GuardBeforeTorchvision) for f in sys.meta_path):
+        sys.meta_path.insert(0, _GuardBeforeTorchvision())

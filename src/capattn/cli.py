@@ -1,68 +1,90 @@
-"""The ``capattn`` command: LightningCLI's fit/validate/test/predict, plus capattn's own commands."""
+"""The ``capattn`` command: LightningCLI's fit/validate/test/predict, plus capattn's own commands.
+
+Nothing heavy is imported at module level: ``capattn --help`` and the light commands answer
+without loading torch or Lightning. Each extra command is one module with ``main(argv) -> int``.
+"""
 
 from __future__ import annotations
 
+import importlib
+import os
 import sys
-import warnings
-from collections.abc import Callable
 
-from lightning.pytorch.cli import LightningCLI
+# name → (module with ``main(argv) -> int``, one line for ``capattn --help``)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("capattn.data.prepare", "build the vocabulary, tokenized captions and feature cache of a dataset"),
+    "evaluate": ("capattn.evaluate", "score a COCO-format results file with the official caption metrics"),
+    "caption": ("capattn.caption", "caption image files with a checkpoint; per-word attention figures"),
+    "report": ("capattn.report", "compare finished runs: table, validation curves, attention figures"),
+    "sweep": ("capattn.sweep", "run a wandb-format sweep locally, one trial per free device"),
+}
+# LightningCLI's own subcommands (capattn.lightning_cli)
+LIGHTNING_COMMANDS: dict[str, str] = {
+    "fit": "train a model (config: --config experiments/<name>.yaml)",
+    "validate": "run the validation split through a checkpoint",
+    "test": "decode and score the test split with a checkpoint; writes results and metrics",
+    "predict": "caption the predict split with a checkpoint; writes predictions.json",
+}
 
-import capattn  # noqa: F401  (installs the torchvision guard before Lightning is imported)
-from capattn.data.datamodule import CaptionDataModule
-from capattn.errors import CapattnError
-from capattn.module import CaptioningModule
+
+def usage() -> str:
+    """The text of ``capattn --help``."""
+    lines = ["usage: capattn <command> [options]   (capattn <command> --help for its options)", "", "commands:"]
+    for name, text in LIGHTNING_COMMANDS.items():
+        lines.append(f"  {name:<9} {text}")
+    for name, (_, text) in COMMANDS.items():
+        lines.append(f"  {name:<9} {text}")
+    return "\n".join(lines)
 
 
-class CaptioningCLI(LightningCLI):
-    """LightningCLI over ``CaptioningModule`` and ``CaptionDataModule``.
+def _run(argv: list[str], passed: list[str] | None) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from capattn import __version__
 
-    The decoder's ``vocab_size`` is linked from the datamodule's vocabulary, so it is never typed.
-    ``--test_after_fit true`` tests the best checkpoint as soon as ``fit`` ends.
+        print(f"capattn {__version__}")
+        return 0
+    if argv[0] in COMMANDS:
+        module = importlib.import_module(COMMANDS[argv[0]][0])
+        return int(module.main(argv[1:]) or 0)
+    if argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
+        print(f"capattn: error: unknown command {argv[0]!r} — see `capattn --help`", file=sys.stderr)
+        return 2
+    from capattn.lightning_cli import run_lightning
+
+    return run_lightning(passed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``capattn`` console script.
+
+    Returns 0 on success (so tests can call it in-process); any other status exits the process.
     """
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.vocab_size", "model.decoder.init_args.vocab_size", apply_on="instantiate")
-        parser.add_argument(
-            "--test_after_fit", type=bool, default=False, help="after fit, test the best checkpoint (fit only)"
-        )
-
-    def after_fit(self) -> None:
-        if not self.config[self.subcommand].get("test_after_fit"):
-            return
-        best = self.trainer.checkpoint_callback and self.trainer.checkpoint_callback.best_model_path
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
-
-
-def _report(argv: list[str]) -> int:
-    from capattn.report import main
-
-    return main(argv)
-
-
-# capattn's own commands; everything else goes to LightningCLI.
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"report": _report}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``capattn`` console script."""
-    # lightning 2.6 calls a torch pytree API that torch 2.13 deprecates, once per epoch: noise, not news.
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    from_sys = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
-    passed = argv if argv != sys.argv[1:] else None  # LightningCLI warns when given sys.argv twice
+    passed = None if from_sys else argv  # LightningCLI warns when given sys.argv twice
+    from capattn.errors import CapattnError
+
     try:
-        if argv and argv[0] in COMMANDS:
-            sys.exit(COMMANDS[argv[0]](argv[1:]))
-        CaptioningCLI(
-            CaptioningModule,
-            CaptionDataModule,
-            args=passed,
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,
-        )
+        code = _run(argv, passed)
     except CapattnError as err:
+        if os.environ.get("CAPATTN_DEBUG") == "1":
+            raise
         print(f"capattn: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
+    except BrokenPipeError:
+        # `capattn report … | head`: the reader left; end quietly, as Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 0
+    except KeyboardInterrupt:
+        print("capattn: interrupted", file=sys.stderr)
+        code = 130
+    if code:
+        sys.exit(code)
+    return 0
 
 
 if __name__ == "__main__":

@@ -282,6 +282,11 @@ class CaptioningModule(L.LightningModule):
                 "encoder": self.encoder.backbone,
                 **self.parameter_counts(),
                 "vocab_size": len(self._require_vocab()),
+                "decoding": {
+                    "beam_size": self.hparams.beam_size,
+                    "length_alpha": self.hparams.length_alpha,
+                    "max_len": self.hparams.max_len,
+                },
                 "beam_size": self.hparams.beam_size,
                 "images": len(hypotheses),
                 "train_time_s": round(self.train_time_s, 1),
