@@ -7,6 +7,7 @@ without loading torch or Lightning. Each extra command is one module with ``main
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 
@@ -35,6 +36,17 @@ def usage() -> str:
     for name, (_, text) in COMMANDS.items():
         lines.append(f"  {name:<9} {text}")
     return "\n".join(lines)
+
+
+def _setup_logging() -> None:
+    """capattn's notes (``logging.getLogger("capattn.…").info``) go to stderr as ``capattn: …`` lines."""
+    logger = logging.getLogger("capattn")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("capattn: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def _run(argv: list[str], passed: list[str] | None) -> int:
@@ -67,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     passed = None if from_sys else argv  # LightningCLI warns when given sys.argv twice
     from capattn.errors import CapattnError
 
+    _setup_logging()
     try:
         code = _run(argv, passed)
     except CapattnError as err:
