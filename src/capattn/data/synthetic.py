@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from capattn.data.readers import CaptionReader
+from capattn.data.readers.base import CaptionReader
 from capattn.data.records import CaptionRecord
 from capattn.errors import DataError
 
@@ -426,6 +426,16 @@ class ShapesReader(CaptionReader):
     def __repr__(self) -> str:
         counts = ", ".join(f"num_{split}={count}" for split, count in self.sizes.items())
         return f"{type(self).__name__}({counts}, image_size={self.image_size}, seed={self.seed})"
+
+    @property
+    def name(self) -> str:
+        """``"shapes"``."""
+        return "shapes"
+
+    def settings(self) -> dict[str, int]:
+        """The constructor's arguments: the split sizes, the image size and the seed."""
+        counts = {f"num_{split}": count for split, count in self.sizes.items()}
+        return {**counts, "image_size": self.image_size, "seed": self.seed}
 
     def record(self, split: str, index: int) -> CaptionRecord:
         """Returns record ``index`` of ``split`` without generating the others.
