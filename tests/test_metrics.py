@@ -308,3 +308,33 @@ def test_caption_scorer_gathers_and_scores_across_ddp_ranks(tmp_path: Path) -> N
 def test_public_names() -> None:
     assert METRIC_KEYS == ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
     assert SCORERS == ("bleu", "meteor", "rouge", "cider")
+
+
+def test_score_corpus_gives_per_image_scores_that_average_to_the_corpus() -> None:
+    scores = metrics.score_corpus(TOY_HYPOTHESES, TOY_REFERENCES, scorers=FAST_SCORERS, tokenizer="simple")
+    assert scores.corpus == score_captions(TOY_HYPOTHESES, TOY_REFERENCES, scorers=FAST_SCORERS, tokenizer="simple")
+    assert list(scores.per_image) == list(TOY_HYPOTHESES)
+    for key in ("ROUGE-L", "CIDEr-D"):  # corpus ROUGE-L and CIDEr-D are means over images; BLEU is not
+        mean = sum(image[key] for image in scores.per_image.values()) / len(scores.per_image)
+        assert mean == pytest.approx(scores.corpus[key], rel=1e-12), key
+    assert scores.per_image["5"]["CIDEr-D"] == 0.0  # the empty hypothesis
+    assert scores.per_image["1"]["BLEU-1"] > scores.per_image["4"]["BLEU-1"]
+
+
+def test_english_jvm_adds_its_options_and_restores_the_users(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JAVA_TOOL_OPTIONS", "-Xss4m")
+    with metrics.english_jvm():
+        assert metrics.os.environ["JAVA_TOOL_OPTIONS"] == "-Xss4m " + " ".join(metrics.JVM_OPTIONS)
+        assert "-Duser.language=en" in metrics.JVM_OPTIONS and "-Duser.country=US" in metrics.JVM_OPTIONS
+    assert metrics.os.environ["JAVA_TOOL_OPTIONS"] == "-Xss4m"
+    monkeypatch.delenv("JAVA_TOOL_OPTIONS")
+    with metrics.english_jvm():
+        pass
+    assert "JAVA_TOOL_OPTIONS" not in metrics.os.environ
+
+
+def test_spice_is_skipped_with_a_reason_when_its_models_are_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "_spice_models_present", lambda: False)
+    with pytest.warns(UserWarning, match=r"SPICE skipped: it needs the Stanford CoreNLP 3\.6\.0 jars"):
+        scores = metrics.score_corpus(TOY_HYPOTHESES, TOY_REFERENCES, scorers=["bleu"], tokenizer="simple", spice=True)
+    assert "SPICE" not in scores.corpus and "BLEU-4" in scores.corpus

@@ -38,11 +38,23 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (tests and tools swap it), not the one at creation."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging() -> None:
     """capattn's notes (``logging.getLogger("capattn.…").info``) go to stderr as ``capattn: …`` lines."""
     logger = logging.getLogger("capattn")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("capattn: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

@@ -7,6 +7,8 @@ CIDEr-D's document frequencies and the corpus-level BLEU and METEOR are not aver
 pycocoevalcap's ``COCOEvalCap.evaluate()`` is never called: it always runs SPICE, which downloads
 Stanford CoreNLP models at first use and so fails offline. The scorers are built one by one instead,
 with the same tokenization and arguments that ``evaluate()`` uses, so the numbers equal coco-caption's.
+
+torch is imported only where ranks are gathered, so ``capattn evaluate`` starts without it.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ import contextlib
 import io
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Literal
 
-import torch
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
@@ -43,6 +47,10 @@ _SCORER_KEYS: dict[str, tuple[str, ...]] = {
     "cider": ("CIDEr-D",),
 }
 
+# Java formats and parses numbers in the default locale: under a German LC_ALL METEOR answers "0,31" (or
+# nothing at all) and Python's float() fails. user.* fixes the locale, file.encoding how captions are read.
+JVM_OPTIONS: tuple[str, ...] = ("-Duser.language=en", "-Duser.country=US", "-Dfile.encoding=UTF-8")
+
 # Constant texts, so that Python's default warning filter shows each once per process, not every epoch.
 _NO_JAVA_METEOR = (
     "METEOR skipped: no `java` found on PATH, and METEOR runs in a Java process. "
@@ -53,6 +61,25 @@ _NO_JAVA_PTB = (
     "(lowercase, strip punctuation, split on whitespace); scores are NOT comparable to published COCO numbers. "
     "Install a Java runtime (for example `apt-get install default-jre-headless`) for the official tokenization."
 )
+_NO_JAVA_SPICE = "SPICE skipped: no `java` found on PATH, and SPICE runs in a Java process."
+_NO_SPICE_MODELS = (
+    "SPICE skipped: it needs the Stanford CoreNLP 3.6.0 jars in {lib}, which pycocoevalcap downloads at first use; "
+    "run `python -m pycocoevalcap.spice.get_stanford_models` once with internet access"
+)
+
+
+@dataclass(frozen=True)
+class CaptionScores:
+    """Scores of a corpus and of each of its images.
+
+    Args:
+        corpus: corpus-level scores keyed by ``METRIC_KEYS`` names (and ``"SPICE"`` when it ran).
+        per_image: image id → that image's scores under the same keys. BLEU per image is sentence
+            BLEU, CIDEr-D per image uses the whole corpus's document frequencies (as pycocoevalcap's).
+    """
+
+    corpus: dict[str, float]
+    per_image: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def score_captions(
@@ -86,19 +113,53 @@ def score_captions(
         ValueError: unknown scorer or tokenizer, no hypotheses, or an image without references.
         RuntimeError: a Java tool (PTB tokenizer, METEOR) failed.
     """
+    return score_corpus(hypotheses, references, scorers=scorers, tokenizer=tokenizer).corpus
+
+
+def score_corpus(
+    hypotheses: Mapping[str, str],
+    references: Mapping[str, Sequence[str]],
+    *,
+    scorers: Sequence[str] = SCORERS,
+    tokenizer: Literal["ptb", "simple"] = "ptb",
+    spice: bool = False,
+) -> CaptionScores:
+    """Like ``score_captions``, and also each image's scores; optionally SPICE.
+
+    Args:
+        hypotheses: image id -> one generated caption, raw text (may be empty).
+        references: image id -> that image's human captions, raw text.
+        scorers: any of ``SCORERS``.
+        tokenizer: ``"ptb"`` or ``"simple"``; see ``score_captions``.
+        spice: also compute SPICE, when it can run: it needs Java and the Stanford CoreNLP 3.6.0 models
+            that pycocoevalcap downloads at first use; without them it is skipped with a warning.
+
+    Returns:
+        Corpus and per-image scores, keys in ``METRIC_KEYS`` order, then ``"SPICE"``.
+
+    Raises:
+        ValueError: unknown scorer or tokenizer, no hypotheses, or an image without references.
+        RuntimeError: a Java tool (PTB tokenizer, METEOR, SPICE) failed.
+    """
     selected = _check_scorers(scorers)
     _check_tokenizer(tokenizer)
     _check_captions(hypotheses, references)
 
     if shutil.which("java") is None:
         if "meteor" in selected:
-            warnings.warn(_NO_JAVA_METEOR, stacklevel=2)
+            warnings.warn(_NO_JAVA_METEOR, stacklevel=3)
             selected = [name for name in selected if name != "meteor"]
         if tokenizer == "ptb":
-            warnings.warn(_NO_JAVA_PTB, stacklevel=2)
+            warnings.warn(_NO_JAVA_PTB, stacklevel=3)
             tokenizer = "simple"
-    if not selected:
-        return {}
+        if spice:
+            warnings.warn(_NO_JAVA_SPICE, stacklevel=3)
+            spice = False
+    if spice and not _spice_models_present():
+        warnings.warn(_NO_SPICE_MODELS.format(lib=_spice_lib()), stacklevel=3)
+        spice = False
+    if not selected and not spice:
+        return CaptionScores(corpus={})
 
     # The scorers want {id: [caption, ...]} with exactly one hypothesis per id and the same ids on both sides.
     res = {image_id: [hypotheses[image_id]] for image_id in hypotheses}
@@ -108,20 +169,28 @@ def score_captions(
     else:
         gts, res = _simple_tokenize(gts), _simple_tokenize(res)
 
-    scores: dict[str, float] = {}
+    corpus: dict[str, float] = {}
+    per_key: dict[str, list[float]] = {}  # metric -> per-image scores, in the order of gts' keys
     # Bleu prints its n-gram counts; no pycocoevalcap scorer output belongs on the CLI.
     with contextlib.redirect_stdout(io.StringIO()):
         for name in selected:
             if name == "bleu":
-                bleu, _ = Bleu(4).compute_score(gts, res)
-                scores.update(zip(_SCORER_KEYS["bleu"], map(float, bleu), strict=True))
+                bleu, per_image = Bleu(4).compute_score(gts, res)
+                for key, value, values in zip(_SCORER_KEYS["bleu"], bleu, per_image, strict=True):
+                    corpus[key], per_key[key] = float(value), list(values)
             elif name == "meteor":
-                scores["METEOR"] = _meteor_score(gts, res)
+                corpus["METEOR"], per_key["METEOR"] = _meteor_score(gts, res)
             elif name == "rouge":
-                scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+                value, values = Rouge().compute_score(gts, res)
+                corpus["ROUGE-L"], per_key["ROUGE-L"] = float(value), list(values)
             else:
-                scores["CIDEr-D"] = float(Cider().compute_score(gts, res)[0])
-    return {key: scores[key] for key in METRIC_KEYS if key in scores}
+                value, values = Cider().compute_score(gts, res)
+                corpus["CIDEr-D"], per_key["CIDEr-D"] = float(value), list(values)
+        if spice:
+            corpus["SPICE"], per_key["SPICE"] = _spice_score(gts, res)
+    keys = [key for key in (*METRIC_KEYS, "SPICE") if key in corpus]
+    per_image = {image_id: {key: float(per_key[key][index]) for key in keys} for index, image_id in enumerate(gts)}
+    return CaptionScores(corpus={key: corpus[key] for key in keys}, per_image=per_image)
 
 
 class CaptionScorer:
@@ -187,6 +256,8 @@ class CaptionScorer:
         """
         local = list(zip(self._image_ids, self._hypotheses, self._references, strict=True))
         if _distributed():
+            import torch.distributed
+
             per_rank: list[list[tuple[str, str, list[str]]] | None] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(per_rank, local)
             entries = [entry for rank_entries in per_rank for entry in rank_entries or []]
@@ -229,6 +300,7 @@ class CaptionScorer:
         _check_captions(hypotheses, references)
         if not _distributed():
             return score_captions(hypotheses, references, scorers=self.scorers, tokenizer=self.tokenizer)
+        import torch.distributed
 
         error: BaseException | None = None
         message: list[object] = [None]
@@ -257,6 +329,10 @@ class CaptionScorer:
 
 
 def _distributed() -> bool:
+    if "torch" not in sys.modules:  # nothing distributed can run without it; don't import it for nothing
+        return False
+    import torch.distributed
+
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
@@ -306,7 +382,7 @@ def _ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
     cleaned = {
         image_id: [{"caption": " ".join(text.split())} for text in texts] for image_id, texts in captions.items()
     }
-    with _capture_stderr_fd() as java_stderr:
+    with _capture_stderr_fd() as java_stderr, english_jvm():
         try:
             tokenized = PTBTokenizer().tokenize(cleaned)
         except PermissionError as err:
@@ -343,11 +419,12 @@ def _capture_stderr_fd() -> Iterator[IO[bytes]]:
             os.close(saved)
 
 
-def _meteor_score(gts: dict[str, list[str]], res: dict[str, list[str]]) -> float:
-    meteor = Meteor()
+def _meteor_score(gts: dict[str, list[str]], res: dict[str, list[str]]) -> tuple[float, list[float]]:
+    with english_jvm():
+        meteor = Meteor()  # the JVM starts here, reading JAVA_TOOL_OPTIONS
     failure: Exception | None = None
     try:
-        score, _ = meteor.compute_score(gts, res)
+        score, scores = meteor.compute_score(gts, res)
     except (ValueError, OSError) as err:  # a dead JVM: float('') on its empty reply, or a broken pipe
         failure = err
     finally:
@@ -357,7 +434,7 @@ def _meteor_score(gts: dict[str, list[str]], res: dict[str, list[str]]) -> float
             f"METEOR's Java process failed ({failure}); its stderr:\n{java_stderr}\n"
             "Check the Java runtime, or leave 'meteor' out of scorers."
         ) from failure
-    return float(score)
+    return float(score), [float(value) for value in scores]
 
 
 def _close_meteor(meteor: Meteor) -> str:
@@ -375,3 +452,47 @@ def _close_meteor(meteor: Meteor) -> str:
     if meteor.lock.locked():
         meteor.lock.release()
     return stderr
+
+
+@contextlib.contextmanager
+def english_jvm() -> Iterator[None]:
+    """Java processes started inside run with an English locale and UTF-8 (``JVM_OPTIONS``).
+
+    pycocoevalcap starts ``java`` itself, with a fixed command line; ``JAVA_TOOL_OPTIONS`` is the one
+    setting every JVM reads at start-up. The user's own options stay, ours come last and so win.
+    """
+    saved = os.environ.get("JAVA_TOOL_OPTIONS")
+    os.environ["JAVA_TOOL_OPTIONS"] = " ".join([*([saved] if saved else []), *JVM_OPTIONS])
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("JAVA_TOOL_OPTIONS", None)
+        else:
+            os.environ["JAVA_TOOL_OPTIONS"] = saved
+
+
+def _spice_lib() -> Path:
+    from pycocoevalcap.spice import spice
+
+    return Path(spice.__file__).resolve().parent / "lib"
+
+
+def _spice_models_present() -> bool:
+    return all(
+        (_spice_lib() / name).is_file() for name in ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+    )
+
+
+def _spice_score(gts: dict[str, list[str]], res: dict[str, list[str]]) -> tuple[float, list[float]]:
+    from pycocoevalcap.spice.spice import Spice
+
+    with english_jvm(), _capture_stderr_fd() as java_stderr:
+        try:
+            score, scores = Spice().compute_score(gts, res)
+        except (subprocess.CalledProcessError, OSError, ValueError) as err:
+            java_stderr.seek(0)
+            details = java_stderr.read().decode(errors="replace").strip()[-2000:]
+            raise RuntimeError(f"SPICE's Java process failed ({err}); its stderr:\n{details}") from None
+    by_id = dict(zip(sorted(gts), scores, strict=True))  # Spice scores images in sorted id order
+    return float(score), [float(by_id[image_id]["All"]["f"]) for image_id in gts]
