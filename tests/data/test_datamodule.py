@@ -1,9 +1,10 @@
-"""CaptionDataModule: vocabulary from training captions, padded batches, all references, bad input."""
+"""CaptionDataModule: prepared splits, padded batches, all references, length buckets, bad input."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -12,7 +13,7 @@ from capattn.data.datamodule import CaptionDataModule
 from capattn.data.readers import CaptionReader
 from capattn.data.records import CaptionRecord
 from capattn.data.synthetic import ShapesReader
-from capattn.errors import DataError
+from capattn.errors import ConfigError, DataError
 
 
 class FolderReader(CaptionReader):
@@ -25,44 +26,52 @@ class FolderReader(CaptionReader):
         return self.records
 
 
-def shapes(**kwargs) -> CaptionDataModule:
-    reader = ShapesReader(num_train=20, num_val=6, num_test=5, image_size=48, seed=3)
-    return CaptionDataModule(reader=reader, **kwargs)
+@pytest.fixture
+def shapes(tmp_path):
+    def make(**kwargs) -> CaptionDataModule:
+        reader = ShapesReader(num_train=20, num_val=6, num_test=5, image_size=48, seed=3)
+        return CaptionDataModule(reader=reader, prepared_dir=str(tmp_path / "shapes"), **kwargs)
+
+    return make
 
 
-def test_vocab_comes_from_training_captions_only():
+def test_vocab_comes_from_training_captions_only(shapes):
     dm = shapes()
-    train_words = {w for r in dm.records["train"] for c in r.captions for w in c.split()}
+    records = ShapesReader(num_train=20, num_val=6, num_test=5, image_size=48, seed=3).read()
+    train_words = {w for r in records if r.split == "train" for c in r.captions for w in c.split()}
     assert set(dm.vocab.itos[4:]) == train_words
     assert dm.vocab_size == len(dm.vocab)
 
 
-def test_training_batches_pair_each_caption_and_pad_correctly():
+def test_training_batches_pair_each_caption_and_pad_correctly(shapes):
     dm = shapes(batch_size=8)
-    assert len(dm.train_dataloader().dataset) == 20 * 5  # every (image, caption) pair
-    batch = next(iter(dm.train_dataloader()))
-    assert batch.images.shape == (8, 3, 48, 48)
+    loader = dm.train_dataloader()
+    assert len(loader.dataset) == 20 * 5  # every (image, caption) pair
+    assert len(loader) == 13  # ceil(100 / 8): bucketing keeps every pair
+    batch = next(iter(loader))
+    assert batch.images.shape[1:] == (3, 48, 48) and batch.features is None
     assert 0.0 <= float(batch.images.min()) and float(batch.images.max()) <= 1.0
-    assert batch.tokens.shape == (8, int(batch.lengths.max()))
+    assert batch.tokens.shape == (len(batch), int(batch.lengths.max()))
     for row, n in zip(batch.tokens, batch.lengths.tolist(), strict=True):
         assert row[0] == dm.vocab.bos and row[n - 1] == dm.vocab.eos
         assert (row[n:] == dm.vocab.pad).all() and (row[:n] != dm.vocab.pad).all()
     assert all(len(refs) == 5 for refs in batch.references)
+    seen = sorted((i, tuple(t[:n].tolist())) for b in loader for i, t, n in zip(b.image_ids, b.tokens, b.lengths))
+    assert len(seen) == 100
 
 
-def test_evaluation_batches_have_one_item_per_image_with_all_references():
+def test_evaluation_batches_have_one_item_per_image_with_all_references(shapes):
     dm = shapes(batch_size=4, eval_batch_size=3)
     batches = list(dm.val_dataloader())
-    ids = [i for b in batches for i in b.image_ids]
-    assert ids == [r.image_id for r in dm.records["val"]]
+    records = [r for r in ShapesReader(num_train=20, num_val=6, num_test=5, seed=3).read() if r.split == "val"]
+    assert [i for b in batches for i in b.image_ids] == [r.image_id for r in records]
     assert len(batches[0]) == 3
-    record = dm.records["val"][0]
-    assert batches[0].references[0] == list(record.captions)
-    assert dm.vocab.decode(batches[0].tokens[0].tolist()) == " ".join(record.captions[0].lower().split())
+    assert batches[0].references[0] == list(records[0].captions)
+    assert dm.vocab.decode(batches[0].tokens[0].tolist()) == " ".join(records[0].captions[0].lower().split())
     assert [b.image_ids for b in dm.predict_dataloader()] == [b.image_ids for b in dm.test_dataloader()]
 
 
-def test_max_caption_len_cuts_training_captions_but_keeps_eos():
+def test_max_caption_len_cuts_training_captions_but_keeps_eos(shapes):
     dm = shapes(max_caption_len=3)
     batch = next(iter(dm.train_dataloader()))
     assert int(batch.lengths.max()) <= 3 + 2
@@ -72,49 +81,117 @@ def test_max_caption_len_cuts_training_captions_but_keeps_eos():
 def test_image_size_resizes_and_crops(tmp_path):
     Image.new("RGB", (80, 60), "red").save(tmp_path / "a.jpg")
     records = [CaptionRecord("1", tmp_path / "a.jpg", ("a red picture",), "train")]
-    dm = CaptionDataModule(reader=FolderReader(records), image_size=32)
+    dm = CaptionDataModule(reader=FolderReader(records), image_size=32, prepared_dir=str(tmp_path / "p"))
     assert next(iter(dm.train_dataloader())).images.shape == (1, 3, 32, 32)
 
 
-def test_empty_caption_is_a_clear_error():
-    records = [CaptionRecord("7", Path("x.jpg"), ("a dog", " ,. "), "train")]
-    with pytest.raises(DataError, match=r"image 7 has an empty caption"):
-        _ = CaptionDataModule(reader=FolderReader(records)).vocab
+def test_augmentations_apply_to_training_images_only(tmp_path):
+    from torchvision.transforms import v2
+
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[:, :16] = 255  # left half white
+    Image.fromarray(image).save(tmp_path / "a.png")
+    records = [
+        CaptionRecord("1", tmp_path / "a.png", ("white on the left",), "train"),
+        CaptionRecord("2", tmp_path / "a.png", ("white on the left",), "val"),
+    ]
+    dm = CaptionDataModule(
+        reader=FolderReader(records), augmentations=[v2.RandomHorizontalFlip(p=1.0)], prepared_dir=str(tmp_path / "p")
+    )
+    train = next(iter(dm.train_dataloader())).images[0]
+    val = next(iter(dm.val_dataloader())).images[0]
+    assert float(train[:, :, :16].mean()) == 0.0 and float(val[:, :, :16].mean()) == 1.0
+
+
+def test_readers_records_are_memory_maps_not_python_lists(shapes):
+    dm = shapes()
+    split = dm.prepared.split("train")
+    assert split.captions.cache_files and split.images.cache_files  # Arrow files on disk, memory-mapped
+    assert isinstance(split.lengths, np.ndarray) and isinstance(split.caption_image, np.ndarray)
 
 
 def test_missing_and_corrupt_images_name_the_file(tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
-    records = [
-        CaptionRecord("1", tmp_path / "gone.jpg", ("a dog",), "train"),
-        CaptionRecord("2", tmp_path / "broken.jpg", ("a cat",), "train"),
-    ]
-    dm = CaptionDataModule(reader=FolderReader(records), batch_size=1)
-    dataset = dm.train_dataloader().dataset
-    with pytest.raises(DataError, match="gone.jpg"):
-        dataset[0]
-    with pytest.raises(DataError, match="broken.jpg"):
+    noise = np.random.default_rng(0).integers(0, 255, (120, 120, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "ok.jpg")
+    data = (tmp_path / "ok.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])  # header intact, pixels cut
+    ok = CaptionRecord("0", tmp_path / "ok.jpg", ("a blue square",), "train")
+    for name, message in (("gone.jpg", "gone.jpg.*missing"), ("broken.jpg", "broken.jpg.*not a readable image")):
+        records = [ok, CaptionRecord("1", tmp_path / name, ("a dog",), "train")]
+        with pytest.raises(DataError, match=message):
+            _ = CaptionDataModule(reader=FolderReader(records), prepared_dir=str(tmp_path / f"p-{name}")).vocab
+    # A truncated JPEG passes the header check and is caught, naming it, when its pixels are decoded.
+    records = [ok, CaptionRecord("2", tmp_path / "truncated.jpg", ("a cat",), "train")]
+    dm = CaptionDataModule(reader=FolderReader(records), batch_size=1, prepared_dir=str(tmp_path / "t"))
+    dataset = dm.dataset("train")
+    dataset[0]
+    with pytest.raises(DataError, match="truncated.jpg"):
         dataset[1]
 
 
-def test_missing_split_is_a_clear_error():
+def test_missing_split_and_unknown_split_are_clear_errors(tmp_path):
     records = [CaptionRecord("1", None, ("a dog",), "train")]
-    with pytest.raises(DataError, match="no 'val' records"):
-        CaptionDataModule(reader=FolderReader(records)).val_dataloader()
+    dm = CaptionDataModule(reader=FolderReader(records), prepared_dir=str(tmp_path / "p"))
+    with pytest.raises(DataError, match="no 'val' images"):
+        dm.val_dataloader()
+    with pytest.raises(ConfigError, match="predict_split"):
+        CaptionDataModule(reader=FolderReader(records), predict_split="dev")
 
 
-def test_loader_workers_render_the_same_batches():
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_size": 0}, "batch_size must be ≥ 1"),
+        ({"num_workers": -1}, "num_workers must be ≥ 0"),
+        ({"train_splits": ["train", "extra"]}, "unknown split names"),
+        ({"features": "cache"}, "needs a fixed data.image_size"),
+    ],
+)
+def test_bad_options_are_one_line_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        CaptionDataModule(reader=FolderReader([]), **kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_batch_size_larger_than_the_training_split_is_refused(shapes):
+    dm = shapes(batch_size=101)
+    with pytest.raises(ConfigError, match=r"batch_size=101 is larger than the training split \(100 captions"):
+        dm.setup("fit")
+
+
+def test_loader_workers_render_the_same_batches(shapes):
     torch.manual_seed(0)
     single = next(iter(shapes(batch_size=4, num_workers=0).val_dataloader()))
     multi = next(iter(shapes(batch_size=4, num_workers=2).val_dataloader()))
     assert torch.equal(single.images, multi.images) and torch.equal(single.tokens, multi.tokens)
 
 
-def test_real_flickr8k_jpegs_load_through_the_datamodule(shared_data):
+def test_real_flickr8k_jpegs_load_through_the_datamodule(shared_data, tmp_path):
     """Real JPEGs of any aspect ratio → resized, centre-cropped [0, 1] tensors, decoded with Pillow."""
     images = sorted((shared_data / "flickr8k" / "images").glob("*.jpg"))[:3]
     records = [CaptionRecord(p.stem, p, ("a photo of something",), "train") for p in images]
-    dm = CaptionDataModule(reader=FolderReader(records), batch_size=3, image_size=224)
+    dm = CaptionDataModule(reader=FolderReader(records), batch_size=3, image_size=224, prepared_dir=str(tmp_path))
     batch = next(iter(dm.train_dataloader()))
     assert batch.images.shape == (3, 3, 224, 224)
     assert 0.0 <= float(batch.images.min()) < float(batch.images.max()) <= 1.0
     assert batch.images.std() > 0.05  # real pictures, not a blank canvas
+
+
+def test_prepared_folder_defaults_under_data_prepared(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    dm = CaptionDataModule(reader=ShapesReader(num_train=3, num_val=1, num_test=1), min_word_count=2)
+    assert dm.prepared_dir.parent == Path("data/prepared") and dm.prepared_dir.name.startswith("shapes-")
+    other = CaptionDataModule(reader=ShapesReader(num_train=3, num_val=1, num_test=1), min_word_count=1)
+    assert other.prepared_dir != dm.prepared_dir  # settings are part of the name
+
+
+def test_token_views_equal_the_arrow_rows_across_record_batches(tmp_path):
+    reader = ShapesReader(num_train=300, num_val=2, num_test=2, seed=4)
+    split = CaptionDataModule(reader=reader, prepared_dir=str(tmp_path)).prepared.split("train")
+    assert split.captions.data.table.column("tokens").num_chunks > 1  # rows span several Arrow record batches
+    rows = np.array([0, 999, 1000, 1001, 1499, 7, 1234])
+    views = split.tokens(rows)
+    assert [v.tolist() for v in views] == split.captions[rows.tolist()]["tokens"]
+    assert all(not v.flags.owndata for v in views)  # views into the memory map, not copies
+    assert split.image_rows(np.array([3, 1]))["image_id"] == ["shapes-train-00003", "shapes-train-00001"]

@@ -1,105 +1,163 @@
-"""``CaptionDataModule``: a reader's records → vocabulary → datasets → loaders of ``CaptionBatch``."""
+"""``CaptionDataModule``: a reader's dataset, prepared once → memory-mapped splits → loaders of ``CaptionBatch``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision.transforms import v2
 
-from capattn.data.readers import CaptionReader
-from capattn.data.records import CaptionBatch, CaptionRecord
-from capattn.errors import DataError
+from capattn.data.features import FeatureCache, build_feature_cache, cache_folder, cache_key, check_frozen
+from capattn.data.prepare import PreparedData, PreparedSplit, PrepareSettings, default_prepared_dir, prepare
+from capattn.data.readers.base import CaptionReader
+from capattn.data.records import SPLITS, CaptionBatch, CaptionRecord
+from capattn.data.sampler import LengthBucketBatchSampler
+from capattn.errors import ConfigError, DataError
+from capattn.models.encoder import EncoderOutput
 from capattn.vocab import Vocabulary
 
 
-def image_transform(image_size: int | None) -> v2.Transform:
+def image_transform(image_size: int | None, augmentations: Sequence[v2.Transform] = ()) -> v2.Transform:
     """PIL image → (3, H, W) float in [0, 1]; resized (shorter side) and centre-cropped if ``image_size``.
 
-    No random flip: it would turn "left of" into a false caption.
+    ``augmentations`` (training only) run on the resized uint8 image. None by default: a flip
+    turns "left of" into a false caption.
     """
     steps: list[v2.Transform] = [v2.ToImage()]
     if image_size is not None:
         steps += [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+    steps += list(augmentations)
     steps.append(v2.ToDtype(torch.float32, scale=True))
     return v2.Compose(steps)
 
 
+# One item: image (3, H, W) or None, cached grid (L, D) and pooled (D,) fp16 or None, token ids, image id, references.
+Item = tuple[torch.Tensor | None, np.ndarray | None, np.ndarray | None, np.ndarray, str, list[str]]
+
+
 class CaptionDataset(Dataset):
-    """Images with their captions.
+    """A prepared split: images (or cached features) with their captions, read from memory maps.
 
     In training each (image, caption) pair is one item; in evaluation each image is one item,
     carrying its first caption (for the validation loss) and all references (for the metrics).
 
     Args:
-        records: the split's records.
-        reader: loads each record's image.
-        vocab: encodes captions.
+        split: the prepared split.
+        reader: loads each image (unused with ``features``).
         transform: PIL image → tensor.
         pairs: one item per caption (training) rather than per image.
-        max_caption_len: longer captions are cut to this many words (None: never).
+        max_caption_len: longer captions are cut to this many words, ``<eos>`` kept (None: never).
+        features: the feature cache; items then carry cached features instead of images.
     """
 
     def __init__(
         self,
-        records: Sequence[CaptionRecord],
+        split: PreparedSplit,
         *,
         reader: CaptionReader,
-        vocab: Vocabulary,
         transform: v2.Transform,
         pairs: bool,
         max_caption_len: int | None = None,
+        features: FeatureCache | None = None,
     ) -> None:
-        self.records = list(records)
+        self.split = split
         self.reader = reader
         self.transform = transform
-        self.encoded = [[self._encode(vocab, c, max_caption_len) for c in r.captions] for r in self.records]
-        self.items = (
-            [(i, j) for i, caps in enumerate(self.encoded) for j in range(len(caps))]
-            if pairs
-            else [(i, 0) for i in range(len(self.records))]
-        )
-
-    @staticmethod
-    def _encode(vocab: Vocabulary, caption: str, max_len: int | None) -> list[int]:
-        ids = vocab.encode(caption)
-        if max_len is not None and len(ids) > max_len + 2:
-            ids = [*ids[: max_len + 1], vocab.eos]
-        return ids
+        self.pairs = pairs
+        self.max_caption_len = max_caption_len
+        self.features = features
 
     def __len__(self) -> int:
-        return len(self.items)
+        return self.split.num_captions if self.pairs else self.split.num_images
 
-    def __getitem__(self, index: int) -> tuple[Tensor, list[int], str, list[str]]:
-        i, j = self.items[index]
-        record = self.records[i]
-        return (
-            self.transform(self.reader.load_image(record)),
-            self.encoded[i][j],
-            record.image_id,
-            list(record.captions),
-        )
+    @property
+    def lengths(self) -> np.ndarray:
+        """(N,) caption length of every item (``<bos>``/``<eos>`` included), for length bucketing."""
+        lengths = self.split.lengths if self.pairs else self.split.lengths[self.split.first_caption]
+        return lengths if self.max_caption_len is None else np.minimum(lengths, self.max_caption_len + 2)
+
+    def __getitem__(self, index: int) -> Item:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Item]:
+        """Items for a whole batch in one read of each memory map (DataLoader calls this)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"index out of range for a split of {len(self)} items")
+        if self.pairs:
+            caption_rows, image_rows = indices, self.split.caption_image[indices]
+        else:
+            caption_rows, image_rows = self.split.first_caption[indices], indices
+        tokens = self.split.tokens(caption_rows)
+        images = self.split.image_rows(image_rows)
+        if self.features is not None:
+            order = np.argsort(image_rows)  # memory maps read fastest in file order
+            grid = np.empty((len(indices), *self.features.grid(self.split.name).shape[1:]), np.float16)
+            grid[order] = self.features.grid(self.split.name)[image_rows[order]]
+            pooled = self.features.pooled(self.split.name)[image_rows]
+        items: list[Item] = []
+        for k in range(len(indices)):
+            ids = np.asarray(tokens[k], dtype=np.int64)
+            if self.max_caption_len is not None and len(ids) > self.max_caption_len + 2:
+                ids = np.concatenate([ids[: self.max_caption_len + 1], ids[-1:]])  # keep <eos>
+            references = images["references"][k]
+            image = None
+            if self.features is None:
+                path = images["image_path"][k]
+                record = CaptionRecord(
+                    images["image_id"][k], None if path is None else Path(path), tuple(references), images["split"][k]
+                )
+                image = self.transform(self.reader.load_image(record))
+            items.append(
+                (
+                    image,
+                    None if self.features is None else grid[k],
+                    None if self.features is None else pooled[k],
+                    ids,
+                    images["image_id"][k],
+                    references,
+                )
+            )
+        return items
 
 
-def collate(items: list[tuple[Tensor, list[int], str, list[str]]], *, pad: int) -> CaptionBatch:
-    """Stacks images and right-pads captions with ``pad`` into a ``CaptionBatch``."""
-    images, captions, image_ids, references = zip(*items, strict=True)
+def collate(items: Sequence[Item], *, pad: int) -> CaptionBatch:
+    """Stacks images (or cached fp16 features) and right-pads captions with ``pad`` into a ``CaptionBatch``."""
+    images, grids, pooled, captions, image_ids, references = zip(*items, strict=True)
     lengths = torch.tensor([len(c) for c in captions])
     tokens = torch.full((len(captions), int(lengths.max())), pad, dtype=torch.long)  # (B, T)
     for row, caption in enumerate(captions):
-        tokens[row, : len(caption)] = torch.tensor(caption)
+        tokens[row, : len(caption)] = torch.from_numpy(caption)
+    features = None
+    if grids[0] is not None:
+        # fp16 as stored: half the host→device copy; on_after_batch_transfer makes it float32 on the device.
+        features = EncoderOutput(grid=_stacked(grids), pooled=_stacked(pooled))  # (B, L, D), (B, D)
     return CaptionBatch(
-        images=torch.stack(images),  # (B, 3, H, W)
-        features=None,
+        images=torch.stack(images) if images[0] is not None else None,  # (B, 3, H, W)
+        features=features,
         tokens=tokens,
         lengths=lengths,
         image_ids=list(image_ids),
         references=[list(r) for r in references],
     )
+
+
+def _stacked(rows: Sequence[np.ndarray]) -> torch.Tensor:
+    """``np.stack(rows)``, without copying when the rows are, in order, the rows of one batch array."""
+    base = rows[0].base
+    if (
+        isinstance(base, np.ndarray)
+        and base.shape[0] == len(rows)
+        and base.flags.c_contiguous
+        and all(r.base is base and r.ctypes.data == base[k].ctypes.data for k, r in enumerate(rows))
+    ):
+        return torch.from_numpy(base)
+    return torch.from_numpy(np.stack(rows))
 
 
 class _Collate:
@@ -113,11 +171,17 @@ class _Collate:
 
 
 class CaptionDataModule(L.LightningDataModule):
-    """Records from a reader, a vocabulary built on the training captions, and the loaders.
+    """A reader's dataset, prepared once (vocabulary, tokenized captions, optional feature cache), and its loaders.
+
+    ``prepare_data()`` (Lightning runs it on one process per node) prepares what is missing;
+    so does the first use of ``vocab`` (the CLI links ``vocab_size`` into the decoder before
+    training starts). A prepared folder is reused while the reader's files and the settings
+    below that shape it (``min_word_count``, ``max_vocab_size``, ``train_splits``,
+    ``missing_images``) stay the same.
 
     Args:
         reader: where the records and images come from (``class_path``/``init_args`` in YAML).
-        batch_size: images per device per step; under DDP every device gets this many.
+        batch_size: items per device per step; under DDP every device gets this many.
         eval_batch_size: images per device in validation/test/predict (default: ``batch_size``).
         num_workers: DataLoader worker processes per device.
         image_size: resize (shorter side) and centre-crop to this size; None keeps the size.
@@ -126,6 +190,16 @@ class CaptionDataModule(L.LightningDataModule):
         max_caption_len: cut longer training captions to this many words (None: never).
         train_splits: record splits that train (Karpathy's ``restval`` is usually added).
         predict_split: the split ``capattn predict`` captions.
+        prepared_dir: the prepared folder; default ``data/prepared/<dataset>-<settings hash>``.
+        missing_images: ``"error"`` (default) stops at a missing or unreadable image file;
+            ``"skip"`` drops such images when preparing and reports how many.
+        features: ``"images"`` (default) decodes images every step; ``"cache"`` trains and
+            evaluates on the frozen encoder's cached outputs (the encoder never runs per batch).
+        features_dir: where feature caches go (default: ``features/`` beside the prepared folder).
+        bucket_by_length: training batches of similar caption length (shuffled batches).
+        bucket_batches: batches per length-sorting window.
+        augmentations: torchvision v2 transforms for training images only, after resizing
+            (``class_path``/``init_args`` each); none by default.
     """
 
     def __init__(
@@ -141,87 +215,209 @@ class CaptionDataModule(L.LightningDataModule):
         max_caption_len: int | None = None,
         train_splits: Sequence[str] = ("train",),
         predict_split: str = "test",
+        prepared_dir: str | None = None,
+        missing_images: Literal["error", "skip"] = "error",
+        features: Literal["images", "cache"] = "images",
+        features_dir: str | None = None,
+        bucket_by_length: bool = True,
+        bucket_batches: int = 100,
+        augmentations: list[v2.Transform] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+            raise ConfigError(f"data.batch_size must be ≥ 1, got {batch_size}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ConfigError(f"data.eval_batch_size must be ≥ 1, got {eval_batch_size}")
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers must be ≥ 0, got {num_workers}")
+        if predict_split not in SPLITS:
+            raise ConfigError(f"data.predict_split must be one of {list(SPLITS)}, got {predict_split!r}")
+        if features not in ("images", "cache"):
+            raise ConfigError(f"data.features must be 'images' or 'cache', got {features!r}")
+        if features == "cache" and image_size is None:
+            raise ConfigError("data.features=cache needs a fixed data.image_size (224 for ImageNet backbones)")
+        if bucket_batches < 1:
+            raise ConfigError(f"data.bucket_batches must be ≥ 1, got {bucket_batches}")
         self.reader = reader
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.image_size = image_size
-        self.min_word_count = min_word_count
-        self.max_vocab_size = max_vocab_size
         self.max_caption_len = max_caption_len
-        self.train_splits = tuple(train_splits)
         self.predict_split = predict_split
+        self.settings = PrepareSettings(
+            min_word_count=min_word_count,
+            max_vocab_size=max_vocab_size,
+            train_splits=tuple(train_splits),
+            missing_images=missing_images,
+        )
+        self._prepared_dir = None if prepared_dir is None else Path(prepared_dir)
+        self.features = features
+        self.features_dir = None if features_dir is None else Path(features_dir)
+        self.bucket_by_length = bucket_by_length
+        self.bucket_batches = bucket_batches
+        self.augmentations = list(augmentations or [])
+        self._checked = False  # prepare's up-to-date check ran in this process
+        self._prepared: PreparedData | None = None
+        self._cache: FeatureCache | None = None
         self._datasets: dict[str, CaptionDataset] = {}
 
-    @cached_property
-    def records(self) -> dict[str, list[CaptionRecord]]:
-        """The reader's records by split, checked for empty captions."""
-        by_split: dict[str, list[CaptionRecord]] = {}
-        for record in self.reader.read():
-            if not record.captions:
-                raise DataError(f"image {record.image_id} has no caption — fix or drop it in the annotation file")
-            for k, caption in enumerate(record.captions):
-                if not caption.strip() or not any(ch.isalnum() for ch in caption):
-                    raise DataError(
-                        f"image {record.image_id} has an empty caption (#{k}: {caption!r}) — "
-                        "fix or drop it in the annotation file"
-                    )
-            split = "train" if record.split in self.train_splits else record.split
-            by_split.setdefault(split, []).append(record)
-        if not by_split.get("train"):
-            raise DataError(f"{type(self.reader).__name__} gave no training records (splits {self.train_splits})")
-        return by_split
+    # --- preparing -----------------------------------------------------------------------------
 
-    @cached_property
+    @property
+    def prepared_dir(self) -> Path:
+        """The prepared folder (``data.prepared_dir``, or the default named from the dataset and settings)."""
+        if self._prepared_dir is None:
+            self._prepared_dir = default_prepared_dir(self.reader, self.settings)
+        return self._prepared_dir
+
+    def prepare_text(self, *, force: bool = False) -> Path:
+        """Prepares vocabulary and tokenized captions unless up to date (checked once per process)."""
+        if force or not self._checked:
+            prepare(self.reader, settings=self.settings, prepared_dir=self.prepared_dir, force=force)
+            self._checked = True
+            self._prepared = None
+        return self.prepared_dir
+
+    @property
+    def prepared(self) -> PreparedData:
+        """The prepared dataset, prepared first if needed."""
+        if self._prepared is None:
+            self._prepared = PreparedData(self.prepare_text())
+        return self._prepared
+
+    def _features_root(self) -> Path:
+        return self.features_dir if self.features_dir is not None else self.prepared_dir.parent / "features"
+
+    def prepare_features(self, encoder: torch.nn.Module, *, device: str | torch.device | None = None) -> Path:
+        """Builds (or resumes) the feature cache of ``encoder``, which must be frozen."""
+        return build_feature_cache(
+            prepared=self.prepared,
+            reader=self.reader,
+            encoder=encoder,
+            image_size=self.image_size,
+            root=self._features_root(),
+            batch_size=self.eval_batch_size,
+            num_workers=self.num_workers,
+            device=device,
+        )
+
+    def use_feature_cache(self, encoder: torch.nn.Module) -> FeatureCache:
+        """Opens ``encoder``'s complete feature cache for the loaders."""
+        check_frozen(encoder)
+        key = cache_key(encoder, image_size=self.image_size, prepared=self.prepared)
+        self._cache = FeatureCache(cache_folder(self._features_root(), key, self.prepared.manifest.get("name", "data")))
+        self._datasets.clear()
+        return self._cache
+
+    def _model_encoder(self) -> torch.nn.Module:
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        encoder = getattr(module, "encoder", None)
+        if encoder is None:
+            raise DataError("data.features=cache needs the model's encoder: train with a model that has `.encoder`")
+        return encoder
+
+    def prepare_data(self) -> None:
+        """Prepares the dataset (and the feature cache) when missing or stale; one process per node."""
+        self.prepare_text()
+        if self.features == "cache":
+            encoder = self._model_encoder()
+            check_frozen(encoder)
+            device = self.trainer.strategy.root_device if self.trainer is not None else None
+            self.prepare_features(encoder, device=device)
+
+    def setup(self, stage: str) -> None:
+        """Opens the prepared folder (and the feature cache); checks the batch size against the training split."""
+        if self.features == "cache" and self._cache is None:
+            self.use_feature_cache(self._model_encoder())
+        if stage == "fit":
+            n = self.prepared.split("train").num_captions
+            if self.batch_size > n:
+                raise ConfigError(
+                    f"data.batch_size={self.batch_size} is larger than the training split ({n:,} captions in "
+                    f"{self.prepared_dir}) — lower data.batch_size"
+                )
+
+    # --- vocabulary ----------------------------------------------------------------------------
+
+    @property
     def vocab(self) -> Vocabulary:
         """Vocabulary of the training captions (test words stay unknown)."""
-        captions = (c for r in self.records["train"] for c in r.captions)
-        return Vocabulary.build(captions, min_count=self.min_word_count, max_size=self.max_vocab_size)
+        return self.prepared.vocab
 
     @property
     def vocab_size(self) -> int:
         """V, linked by the CLI into the decoder's ``vocab_size``."""
         return len(self.vocab)
 
-    def _dataset(self, split: str) -> CaptionDataset:
+    # --- loaders -------------------------------------------------------------------------------
+
+    def dataset(self, split: str) -> CaptionDataset:
+        """The dataset of ``split`` (``"train"``: one item per caption; others: one per image).
+
+        Raises:
+            DataError: unknown split, or no images in it.
+        """
         if split not in self._datasets:
-            if not self.records.get(split):
-                raise DataError(
-                    f"{type(self.reader).__name__} has no {split!r} records (it has {sorted(self.records)})"
-                )
+            if self.features == "cache" and self._cache is None:
+                raise DataError("data.features=cache: the feature cache opens in setup() (give a Trainer the model)")
+            train = split == "train"
             self._datasets[split] = CaptionDataset(
-                self.records[split],
+                self.prepared.split(split),
                 reader=self.reader,
-                vocab=self.vocab,
-                transform=image_transform(self.image_size),
-                pairs=split == "train",
-                max_caption_len=self.max_caption_len if split == "train" else None,
+                transform=image_transform(self.image_size, self.augmentations if train else ()),
+                pairs=train,
+                max_caption_len=self.max_caption_len if train else None,
+                features=self._cache,
             )
         return self._datasets[split]
 
-    def _loader(self, split: str, *, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
         return DataLoader(
-            self._dataset(split),
-            batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle,
+            dataset,
             num_workers=self.num_workers,
             collate_fn=_Collate(self.vocab.pad),
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        dataset = self.dataset("train")
+        if not self.bucket_by_length:
+            return self._loader(dataset, batch_size=self.batch_size, shuffle=True)
+        # Under DDP Lightning swaps the RandomSampler for a DistributedSampler inside the batch sampler.
+        batch_sampler = LengthBucketBatchSampler(
+            RandomSampler(dataset),
+            self.batch_size,
+            False,
+            lengths=dataset.lengths,
+            bucket_batches=self.bucket_batches,
+            seed=int(torch.initial_seed() % 2**32),
+        )
+        return self._loader(dataset, batch_sampler=batch_sampler)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        return self._loader(self.dataset(split), batch_size=self.eval_batch_size, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_split, shuffle=False)
+        return self._eval_loader(self.predict_split)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, CaptionBatch) and batch.features is not None and batch.features.grid.is_floating_point():
+            features = EncoderOutput(grid=batch.features.grid.float(), pooled=batch.features.pooled.float())
+            batch = CaptionBatch(
+                images=batch.images,
+                features=features,
+                tokens=batch.tokens,
+                lengths=batch.lengths,
+                image_ids=batch.image_ids,
+                references=batch.references,
+            )
+        return batch

@@ -9,6 +9,8 @@ from torch import Tensor
 
 from capattn.models.encoder import EncoderOutput
 
+SPLITS = ("train", "val", "test")  # the split names a prepared dataset has; readers map theirs onto these
+
 
 @dataclass(frozen=True)
 class CaptionRecord:

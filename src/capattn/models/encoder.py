@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -123,6 +125,8 @@ class ImageEncoder(nn.Module):
         if weights is not None and Path(weights).suffix:
             self._load_local_weights(Path(weights))
         self.backbone = backbone
+        self.weights = weights
+        self.grid_size = grid_size
         self.pool = nn.AdaptiveAvgPool2d(grid_size) if grid_size else nn.Identity()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -150,6 +154,30 @@ class ImageEncoder(nn.Module):
         for name, child in self.trunk.named_children():
             learning = learning or name == trainable
             child.requires_grad_(learning)
+
+    @property
+    def frozen(self) -> bool:
+        """Whether no parameter learns (a feature cache needs a frozen encoder)."""
+        return not any(p.requires_grad for p in self.parameters())
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that decides this encoder's outputs: a feature cache is valid only for an equal identity.
+
+        Besides the configuration it holds a hash of the backbone's weights, so two random
+        initialisations, or a weights file changed in place, never share a cache.
+        """
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.trunk.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return {
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "backbone": self.backbone,
+            "weights": self.weights,
+            "grid_size": self.grid_size,
+            "out_dim": self.out_dim,
+            "state_sha256": digest.hexdigest(),
+        }
 
     def forward(self, images: Tensor) -> EncoderOutput:
         """Encodes images.
