@@ -189,3 +189,29 @@ def test_scheduler_and_wandb_logger_from_the_command_line():
     )
     (metrics,) = Path("runs/wandb").rglob("metrics_test.json")
     assert metrics.parent.parent.name == "capattn-tests"  # save_dir/project/run-id
+
+
+def test_checkpoint_model_wins_and_decoding_settings_from_the_command_line_apply(capsys):
+    show_tell = next(p for p in EXPERIMENTS if "attend" not in p.stem)
+    attend = next(p for p in EXPERIMENTS if "attend" in p.stem)
+    ckpt = _fit(show_tell, "--test_after_fit=false")
+    capsys.readouterr()
+
+    run("test", "--config", str(attend), "--ckpt_path", str(ckpt), *TINY, "--model.beam_size=5")
+    err = capsys.readouterr().err
+    assert (
+        "holds a ShowTellDecoder model (small_cnn encoder); the config's model (ShowAttendTellDecoder) is ignored"
+        in (err)
+    )
+    metrics = json.loads((ckpt.parent.parent / "metrics_test.json").read_text())  # into the checkpoint's run
+    assert metrics["model"] == "ShowTellDecoder" and metrics["decoding"]["beam_size"] == 5
+    assert metrics["checkpoint"] == str(ckpt) and metrics["untrained"] is False
+
+    run("test", "--config", str(show_tell), "--ckpt_path", str(ckpt), *TINY, "--model.decoder.init_args.hidden_dim=64")
+    assert "ignored from the config: model.decoder.init_args.hidden_dim=64 (checkpoint: 256)" in capsys.readouterr().err
+
+
+def test_checkpoint_stores_the_preprocessing_for_captioning_files():
+    ckpt = _fit(EXPERIMENTS[0], "--test_after_fit=false")
+    data = torch.load(ckpt, map_location="cpu", weights_only=True)["capattn_data"]
+    assert set(data) == {"image_size"}

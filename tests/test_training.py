@@ -17,7 +17,11 @@ from capattn.module import CaptioningModule
 
 def train_briefly(decoder_cls, tmp_path) -> tuple[list[float], dict, dict]:
     L.seed_everything(0)
-    dm = CaptionDataModule(reader=ShapesReader(num_train=400, num_val=40, num_test=8, seed=5), batch_size=32)
+    dm = CaptionDataModule(
+        reader=ShapesReader(num_train=400, num_val=40, num_test=8, seed=5),
+        batch_size=32,
+        prepared_dir=str(tmp_path / "prepared"),
+    )
     extra = {"attention_dim": 64} if decoder_cls is ShowAttendTellDecoder else {}
     model = CaptioningModule(
         encoder=ImageEncoder(backbone="small_cnn", small_cnn_channels=(16, 32, 64)),
@@ -59,3 +63,133 @@ def test_loss_falls_and_bleu_rises(decoder_cls, tmp_path):
     assert last < 0.6 * first, f"loss {first:.2f} → {last:.2f}"
     assert after["val/loss"] < before["val/loss"]
     assert after["val/BLEU-4"] > before["val/BLEU-4"] + 0.1, (before["val/BLEU-4"], after["val/BLEU-4"])
+
+
+def test_two_cpu_runs_with_the_same_seed_give_identical_weights_and_metrics(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from capattn.cli import main
+
+    from .conftest import REPO_ROOT
+
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "fit",
+        "--config",
+        str(REPO_ROOT / "experiments" / "demo_show_attend_tell.yaml"),
+        "--seed_everything=3",
+        "--trainer.accelerator=cpu",
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        "--data.reader.init_args.num_train=16",
+        "--data.reader.init_args.num_val=4",
+        "--data.reader.init_args.num_test=4",
+        "--data.batch_size=8",
+        "--model.val_scorers=[bleu,cider]",
+        "--model.tokenizer=simple",
+        "--test_after_fit=false",
+    ]
+    main([*args, "--run_name=a"])
+    main([*args, "--run_name=b"])
+    runs = Path("runs/demo/show_attend_tell")
+    a, b = (torch.load(runs / r / "checkpoints/last.ckpt", weights_only=True) for r in ("a", "b"))
+    assert a["global_step"] == b["global_step"] == 6
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert (runs / "a/metrics.csv").read_text() == (runs / "b/metrics.csv").read_text()
+
+
+def _nan_run(nonfinite_loss: str, tmp_path):
+    """Trains on 3 batches of cached features; the second holds NaN (a corrupt feature file)."""
+    from capattn.data.records import CaptionBatch
+    from capattn.models.encoder import EncoderOutput
+    from capattn.vocab import Vocabulary
+
+    L.seed_everything(0)
+    vocab = Vocabulary.build(["a red circle", "a blue square"])
+    model = CaptioningModule(
+        encoder=ImageEncoder(backbone="small_cnn", small_cnn_channels=(8, 8, 16)),
+        decoder=ShowTellDecoder(vocab_size=len(vocab), feature_dim=16, embed_dim=8, hidden_dim=16, dropout=0.0),
+        nonfinite_loss=nonfinite_loss,
+    )
+    model.vocab = vocab
+    batches = []
+    for i in range(3):
+        grid = torch.randn(2, 4, 16)  # (B, L, D)
+        if i == 1:
+            grid[0, 0, 0] = float("nan")
+        tokens = torch.tensor([vocab.encode("a red circle"), vocab.encode("a blue square")])
+        batches.append(
+            CaptionBatch(
+                images=None,
+                features=EncoderOutput(grid=grid, pooled=grid.mean(1)),
+                tokens=tokens,
+                lengths=torch.tensor([5, 5]),
+                image_ids=["x", "y"],
+                references=[["a red circle"], ["a blue square"]],
+            )
+        )
+    trainer = L.Trainer(
+        max_epochs=1,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return model, trainer
+
+
+def test_nan_loss_stops_the_run_naming_the_step(tmp_path):
+    from capattn.errors import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match=r"training loss is nan at step 1 \(epoch 0, batch 1\); stopped"):
+        _nan_run("stop", tmp_path)
+
+
+def test_nan_loss_can_be_skipped_and_counted(tmp_path):
+    model, _ = _nan_run("skip", tmp_path)
+    assert model.skipped_batches == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nan_in_a_resumed_checkpoint_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """NaN injected into a run's last.ckpt: resuming it stops at once, one line, naming the step and checkpoint."""
+    from pathlib import Path
+
+    from capattn.cli import main
+
+    from .conftest import REPO_ROOT
+
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "fit",
+        "--config",
+        str(REPO_ROOT / "experiments" / "demo_show_tell.yaml"),
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        "--data.reader.init_args.num_train=16",
+        "--data.reader.init_args.num_val=4",
+        "--data.reader.init_args.num_test=4",
+        "--data.batch_size=8",
+        "--model.val_scorers=[bleu,cider]",
+        "--model.tokenizer=simple",
+        "--test_after_fit=false",
+        "--run_name=r",
+    ]
+    main([*args, "--trainer.max_epochs=1"])
+    last = Path("runs/demo/show_tell/r/checkpoints/last.ckpt")
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["state_dict"]["decoder.embed.weight"][:] = float("nan")
+    torch.save(checkpoint, last)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--trainer.max_epochs=2", "--ckpt_path=last"])
+    assert exit_.value.code == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("capattn: error:")]
+    assert "training loss is nan at step 2 (epoch 1, batch 0); stopped — the last good checkpoint is" in line
+    assert str(last) in line and "--model.nonfinite_loss=skip" in line

@@ -65,3 +65,17 @@ def test_bad_vocabulary_files_give_clear_errors(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"itos": ["a", "b"]}))
     with pytest.raises(DataError, match="not a capattn vocabulary"):
         Vocabulary.load(tmp_path / "other.json")
+
+
+def test_difference_names_what_differs():
+    data = Vocabulary.build(["a red circle", "a blue square", "blue blue"])
+    ckpt = Vocabulary.build(["a red circle", "a blue square", "red red"])
+    same_words = ckpt.difference(data, this="the checkpoint", that="the data")
+    assert "same 9 words with other ids" in same_words and "word counts differ" in same_words
+    assert "'red' in the checkpoint but 'blue' in the data" in same_words
+
+    other = Vocabulary.build(["a red circle star moon"])
+    text = ckpt.difference(other, this="the checkpoint", that="the data")
+    assert text == "2 words only in the checkpoint ('blue', 'square'); 2 words only in the data ('moon', 'star')"
+    bigger = Vocabulary.build(["a red circle star"])
+    assert bigger.difference(other, this="x", that="y").startswith("8 tokens in x, 9 in y; 1 word only in y ('moon')")

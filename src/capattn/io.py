@@ -28,3 +28,17 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def run_dir(trainer: Any) -> Path:
+    """A run's own folder, for any logger: ``save_dir/name/version`` of its first logger.
+
+    CSV and TensorBoard loggers log there; wandb logs to ``save_dir/wandb`` but its checkpoints,
+    config, results and figures go here too (Lightning's ``ModelCheckpoint`` builds the same path).
+    Without a logger it is ``trainer.default_root_dir``.
+    """
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir)
+    logger = trainer.loggers[0]
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(logger.save_dir or trainer.default_root_dir, str(logger.name), version)

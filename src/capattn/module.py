@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -11,17 +12,31 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from capattn.checkpointing import DATA_KEY, VOCAB_KEY
 from capattn.data.records import CaptionBatch
 from capattn.decoding import Captions, beam_search
-from capattn.errors import VocabularyMismatchError
-from capattn.io import coco_image_id, write_json_atomic
+from capattn.errors import ConfigError, NonFiniteLossError, VocabularyMismatchError
+from capattn.io import coco_image_id, run_dir, write_json_atomic
 from capattn.metrics import SCORERS, CaptionScorer
 from capattn.models.decoders import CaptionDecoder
 from capattn.models.encoder import EncoderOutput, ImageEncoder
 from capattn.vocab import Vocabulary
 
-_VOCAB_KEY = "capattn_vocabulary"
+_VOCAB_KEY = VOCAB_KEY
 _TIME_KEY = "capattn_train_time_s"
+_log = logging.getLogger("capattn.module")
+
+
+def _check_settings(*, beam_size: int, max_len: int, length_alpha: float, label_smoothing: float) -> None:
+    """Decoding and loss settings out of range: one line naming the key, before anything runs."""
+    if beam_size < 1:
+        raise ConfigError(f"model.beam_size must be ≥ 1 (1 = greedy), got {beam_size}")
+    if max_len < 1:
+        raise ConfigError(f"model.max_len must be ≥ 1 token, got {max_len}")
+    if length_alpha < 0:
+        raise ConfigError(f"model.length_alpha must be ≥ 0 (0 = no length penalty), got {length_alpha}")
+    if not 0 <= label_smoothing < 1:
+        raise ConfigError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
 
 
 class CaptioningModule(L.LightningModule):
@@ -44,6 +59,8 @@ class CaptioningModule(L.LightningModule):
         test_scorers: metrics computed in test.
         tokenizer: ``"ptb"`` (the official PTB tokenizer, needs Java) or ``"simple"`` for metrics.
         output_dir: where test results and figures go (default: the logger's run folder).
+        nonfinite_loss: a NaN/inf training loss ``"stop"``s the run (naming the step and the last
+            good checkpoint) or is ``"skip"``ped (no optimizer step; skips are counted and logged).
     """
 
     def __init__(
@@ -62,8 +79,14 @@ class CaptioningModule(L.LightningModule):
         test_scorers: tuple[str, ...] = SCORERS,
         tokenizer: Literal["ptb", "simple"] = "ptb",
         output_dir: str | None = None,
+        nonfinite_loss: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
+        _check_settings(
+            beam_size=beam_size, max_len=max_len, length_alpha=length_alpha, label_smoothing=label_smoothing
+        )
+        if nonfinite_loss not in ("stop", "skip"):
+            raise ConfigError(f"model.nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
         wanted = getattr(decoder, "feature_dim", encoder.out_dim)
         if wanted != encoder.out_dim:
             raise ValueError(
@@ -82,6 +105,8 @@ class CaptioningModule(L.LightningModule):
         self._train_time_s = 0.0  # carried in checkpoints, so a resumed run keeps counting
         self._fit_started: float | None = None
         self._output_dir: Path | None = None
+        self.skipped_batches = 0  # non-finite losses skipped (nonfinite_loss="skip")
+        self.untrained = False  # set by the CLI for `capattn test --allow_untrained`: results say so
 
     # --- vocabulary -------------------------------------------------------------------------
 
@@ -89,7 +114,8 @@ class CaptioningModule(L.LightningModule):
         """Takes ``vocab`` from ``source`` ("the data", "the checkpoint"), refusing one that differs."""
         if self.vocab is not None and vocab != self.vocab:
             raise VocabularyMismatchError(
-                f"{source} has a vocabulary of {len(vocab)} tokens but {self._vocab_source} has {len(self.vocab)}: "
+                f"{source}'s vocabulary differs from {self._vocab_source}'s: "
+                f"{vocab.difference(self.vocab, this=source, that=self._vocab_source)} — "
                 "use the dataset settings (reader, min_word_count, max_vocab_size) the checkpoint was trained with"
             )
         if len(vocab) != self.decoder.vocab_size:
@@ -109,6 +135,9 @@ class CaptioningModule(L.LightningModule):
         if self.vocab is not None:
             checkpoint[_VOCAB_KEY] = self.vocab.to_dict()
         checkpoint[_TIME_KEY] = self.train_time_s
+        # The preprocessing the weights expect, for `capattn caption` on image files.
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        checkpoint[DATA_KEY] = {"image_size": getattr(datamodule, "image_size", None)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs before the weights are loaded, so a vocabulary mismatch is reported as such, not as
@@ -146,27 +175,47 @@ class CaptioningModule(L.LightningModule):
 
     def _losses(self, batch: CaptionBatch, enc: EncoderOutput) -> dict[str, torch.Tensor]:
         out = self.decoder(enc, batch.tokens, batch.lengths)
-        targets = batch.tokens[:, 1:]  # (B, T−1): token t+1 is predicted at step t
-        ce = F.cross_entropy(
-            out.logits.flatten(0, 1),  # (B*(T−1), V)
-            targets.flatten(),
-            ignore_index=self._require_vocab().pad,  # pads never count
-            label_smoothing=self.hparams.label_smoothing,
-        )
+        # The decoder scores only the N real positions, (N, V) against (N,) targets, so padding is
+        # never computed; the mean over them is the padded cross-entropy with ignore_index=<pad>.
+        ce = F.cross_entropy(out.logits, out.targets, label_smoothing=self.hparams.label_smoothing)
         return {"loss": ce + out.aux_loss, "ce": ce, "aux": out.aux_loss}
 
-    def training_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor | None:
         losses = self._losses(batch, self.encode(batch))
+        if not torch.isfinite(losses["loss"]):
+            return self._nonfinite(losses["loss"], batch_idx)
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=len(batch))
         self.log("train/ce", losses["ce"], batch_size=len(batch))
         self.log("train/aux", losses["aux"], batch_size=len(batch))
         return losses["loss"]
 
+    def _nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """A NaN/inf loss: stop with a message, or skip the batch (returning None skips the optimizer step)."""
+        step, epoch = self.trainer.global_step, self.trainer.current_epoch
+        if self.hparams.nonfinite_loss == "skip":
+            self.skipped_batches += 1
+            self.log("train/skipped_batches", float(self.skipped_batches), batch_size=1)
+            _log.info(f"training loss is {float(loss)} at step {step} (epoch {epoch}, batch {batch_idx}): skipped")
+            return None
+        last = [cb.last_model_path for cb in self.trainer.checkpoint_callbacks if getattr(cb, "last_model_path", "")]
+        resume = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was saved yet"
+        raise NonFiniteLossError(
+            f"training loss is {float(loss)} at step {step} (epoch {epoch}, batch {batch_idx}); stopped — {resume}. "
+            "Lower model.optimizer.init_args.lr or set trainer.gradient_clip_val, "
+            "or pass --model.nonfinite_loss=skip to skip such batches"
+        )
+
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        try:
+            optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"model.optimizer: {err} — fix model.optimizer.init_args") from None
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
+        try:
+            scheduler = self.scheduler_factory(optimizer)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"model.scheduler: {err} — fix model.scheduler.init_args") from None
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "monitor": self.hparams.scheduler_monitor},
@@ -248,18 +297,12 @@ class CaptioningModule(L.LightningModule):
         return self._output_dir
 
     def _run_dir(self) -> Path:
-        """The run's folder, ``save_dir/name/version``, built the way ModelCheckpoint builds its own.
+        """The run's folder (``save_dir/name/version`` of the first logger, for any logger).
 
         ``Trainer.log_dir`` is the logger's ``save_dir`` for wandb, so every wandb run would write
         into the same folder. This runs in ``setup`` on every rank because it broadcasts from rank 0.
         """
-        trainer = self.trainer
-        if not trainer.loggers:
-            return Path(trainer.default_root_dir)
-        logger = trainer.loggers[0]
-        version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-        path = str(Path(logger.save_dir or trainer.default_root_dir, str(logger.name), version))
-        return Path(trainer.strategy.broadcast(path))
+        return Path(self.trainer.strategy.broadcast(str(run_dir(self.trainer))))
 
     def parameter_counts(self) -> dict[str, int]:
         """Total and trainable parameters of encoder + decoder."""
@@ -272,12 +315,13 @@ class CaptioningModule(L.LightningModule):
     def _write_test_results(self, hypotheses: dict[str, str], scores: dict[str, float]) -> None:
         results = [{"image_id": coco_image_id(i), "caption": c} for i, c in sorted(hypotheses.items())]
         out = self.output_dir
-        write_json_atomic(out / "results_test.json", results)
-        logger = self.trainer.logger
+        # An untrained model's scores never sit where a trained run's are looked for.
+        suffix = "_untrained" if self.untrained else ""
+        write_json_atomic(out / f"results_test{suffix}.json", results)
         write_json_atomic(
-            out / "metrics_test.json",
+            out / f"metrics_test{suffix}.json",
             {
-                "run": getattr(logger, "name", None) or type(self.decoder).__name__,
+                "run": out.name if self.trainer.loggers else type(self.decoder).__name__,
                 "model": type(self.decoder).__name__,
                 "encoder": self.encoder.backbone,
                 **self.parameter_counts(),
@@ -291,6 +335,7 @@ class CaptioningModule(L.LightningModule):
                 "images": len(hypotheses),
                 "train_time_s": round(self.train_time_s, 1),
                 "checkpoint": self.trainer.ckpt_path,
+                "untrained": self.untrained,
                 "metrics": scores,
             },
         )

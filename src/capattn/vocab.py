@@ -65,6 +65,40 @@ class Vocabulary:
     def __repr__(self) -> str:
         return f"Vocabulary(size={len(self)})"
 
+    def difference(self, other: Vocabulary, *, this: str = "this", that: str = "the other") -> str:
+        """What differs between two vocabularies, in words (for error messages).
+
+        Args:
+            other: the vocabulary compared with.
+            this: what this vocabulary is called in the message ("the checkpoint").
+            that: what ``other`` is called ("the data").
+
+        Returns:
+            e.g. ``"2 words only in the checkpoint ('hexagon', 'star'); …"`` or, for the same words
+            in another order, which id changed and why it happens.
+        """
+        only_this = [w for w in self.itos if w not in other.stoi]
+        only_that = [w for w in other.itos if w not in self.stoi]
+
+        def words(ws: list[str]) -> str:
+            shown = ", ".join(repr(w) for w in ws[:3])
+            return f"{len(ws)} word{'s' if len(ws) > 1 else ''} only in {{}} ({shown}{', …' if len(ws) > 3 else ''})"
+
+        parts = []
+        if len(self) != len(other):
+            parts.append(f"{len(self)} tokens in {this}, {len(other)} in {that}")
+        if only_this:
+            parts.append(words(only_this).format(this))
+        if only_that:
+            parts.append(words(only_that).format(that))
+        if not parts:
+            i = next(i for i, (a, b) in enumerate(zip(self.itos, other.itos, strict=True)) if a != b)
+            parts.append(
+                f"the same {len(self)} words with other ids (id {i} is {self.itos[i]!r} in {this} but "
+                f"{other.itos[i]!r} in {that}): the training captions' word counts differ"
+            )
+        return "; ".join(parts)
+
     def encode(self, text: str) -> list[int]:
         """``<bos>`` + word ids (unknown words → ``<unk>``) + ``<eos>``."""
         return [self.bos, *(self.stoi.get(w, self.unk) for w in tokenize(text)), self.eos]
