@@ -151,14 +151,41 @@ def _slurm_job() -> str | None:
     return os.environ["SLURM_JOB_ID"]
 
 
+def _sweep_parameters() -> set[str] | None:
+    """The dotted keys a sweep varies: ``capattn sweep`` lists them, ``wandb agent`` writes them to a YAML file."""
+    listed = os.environ.get("CAPATTN_SWEEP_PARAMS")
+    if listed:
+        return {key for key in listed.split(",") if key}
+    path = os.environ.get("WANDB_SWEEP_PARAM_PATH")
+    if path and Path(path).is_file():
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        return {key for key in data if not key.startswith("_") and key != "wandb_version"}
+    return None
+
+
 def _trial_suffix(argv: list[str]) -> str:
-    """In a wandb sweep, the trial's parameters (``--model.optimizer.init_args.lr=0.001`` → ``lr0.001``)."""
+    """In a sweep, the trial's parameters (``--model.optimizer.init_args.lr=0.001`` → ``lr0.001``).
+
+    Only the keys the sweep varies count, not the fixed settings of its command; a class path
+    contributes its class name (``ShowAttendTellDecoder``).
+    """
     if not (os.environ.get("WANDB_SWEEP_ID") or os.environ.get("CAPATTN_SWEEP")):
         return ""
+    varied = _sweep_parameters()
     parts = []
     for arg in argv:
-        if arg.startswith(("--model.", "--data.")) and "=" in arg:
-            key, value = arg[2:].split("=", 1)
+        if not (arg.startswith("--") and "=" in arg):
+            continue
+        key, value = arg[2:].split("=", 1)
+        if (varied is not None and key not in varied) or key == "seed_everything":  # the seed is in the name already
+            continue
+        if varied is None and not key.startswith(("model.", "data.")):
+            continue
+        if key.endswith("class_path"):
+            parts.append(value.rsplit(".", 1)[-1])
+        else:
             parts.append(key.rsplit(".", 1)[-1] + re.sub(r"[^\w.+-]", "", value)[:16])
     return "-" + "-".join(parts) if parts else ""
 

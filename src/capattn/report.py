@@ -35,7 +35,9 @@ METRICS_FILE = "metrics_test.json"
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE")
 CURVES = ("CIDEr-D", "BLEU-4")
 MODEL_NAMES = {"ShowTellDecoder": "Show and Tell", "ShowAttendTellDecoder": "Show, Attend and Tell"}
-_RUN_NAME = re.compile(r"^(?P<config>.+)-seed(?P<seed>\d+)$")
+# show_tell-shapes-seed0, show_tell-shapes-seed0-lr0.001 (a sweep trial), show_tell-shapes-seed0-2 (a rerun)
+_RUN_NAME = re.compile(r"^(?P<config>.+?)-seed(?P<seed>\d+)(?P<rest>.*?)(?:-\d+)?$")
+_RERUN = re.compile(r"-\d+$")
 
 
 @dataclass
@@ -72,7 +74,12 @@ class Run:
     def config(self) -> str:
         """The run's configuration: its name without the seed, so seeds of one setting group together."""
         match = _RUN_NAME.match(self.name)
-        return match.group("config") if match else self.name
+        return match.group("config") + match.group("rest") if match else _RERUN.sub("", self.name)
+
+    @property
+    def family(self) -> str:
+        """The run's name without the rerun counter (``-2``, ``-3``) a fresh ``fit`` of the same experiment adds."""
+        return _RERUN.sub("", self.name) if _RUN_NAME.match(self.name) else self.name
 
     @property
     def model_name(self) -> str:
@@ -88,7 +95,7 @@ def find_runs(paths: Sequence[Path], *, latest: bool = False) -> list[Run]:
 
     Args:
         paths: folders or metrics files.
-        latest: keep only the newest run of each run name (``make demo`` reruns into new folders).
+        latest: keep only the newest run of each experiment (``make demo`` reruns into new folders ``…-2``).
 
     Raises:
         DataError: a metrics file cannot be read.
@@ -100,8 +107,8 @@ def find_runs(paths: Sequence[Path], *, latest: bool = False) -> list[Run]:
     if latest:
         newest: dict[str, Run] = {}
         for run in runs:
-            if run.name not in newest or run.mtime > newest[run.name].mtime:
-                newest[run.name] = run
+            if run.family not in newest or run.mtime > newest[run.family].mtime:
+                newest[run.family] = run
         runs = list(newest.values())
     return sorted(runs, key=lambda r: (r.dataset, r.model_name, r.name))
 
