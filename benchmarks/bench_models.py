@@ -1,6 +1,6 @@
 """Speed of the two baselines at demo size: training step and batched beam search.
 
-    .venv/bin/python benchmarks/bench_models.py [--device cpu|cuda] [--batch 64] [--repeats 10]
+    .venv/bin/python benchmarks/bench_models.py [--device cpu|cuda] [--batch 64] [--repeats 10] [--quick]
 
 Prints a Markdown table and appends it, with the machine and versions, to benchmarks/RESULTS.md.
 """
@@ -47,12 +47,16 @@ def timed(fn, repeats: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="batch 4, one repeat, for the test suite")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="Markdown file the results are appended to")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.repeats = 4, 1
     device = torch.device(args.device)
     torch.manual_seed(0)
     images = torch.rand(args.batch, 3, 48, 48, device=device)
@@ -67,7 +71,7 @@ def main() -> None:
 
         def train_step(encoder=encoder, decoder=decoder, optimizer=optimizer):
             out = decoder(encoder(images), tokens, lengths)
-            loss = F.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten()) + out.aux_loss
+            loss = F.cross_entropy(out.logits, out.targets) + out.aux_loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -98,15 +102,17 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}"
+    quick = " --quick" if args.quick else ""
     note = (
-        f"\n## {datetime.date.today()} — bench_models.py, {where}, {torch.get_num_threads()} threads, "
+        f"\n## {datetime.date.today()} — bench_models.py{quick}, {where}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, batch {args.batch}, fp32, untrained weights (beam search runs max_len=20)\n\n"
     )
-    with RESULTS.open("a", encoding="utf-8") as f:
+    with args.results.open("a", encoding="utf-8") as f:
         if f.tell() == 0:
             f.write("# Benchmark results\n\nAppended by the scripts in this folder; newest last.\n")
         f.write(note + table + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-from capattn.decoding import beam_search, greedy, length_penalty, sample
+from capattn.decoding import Captions, _forbid, beam_search, greedy, length_penalty, sample, tree_map
 from capattn.models.decoders import CaptionDecoder, ShowAttendTellDecoder, ShowTellDecoder, StepOutput
 from capattn.models.encoder import EncoderOutput
 
@@ -161,3 +163,202 @@ def test_length_penalty():
 def test_beam_size_must_be_positive(decoder):
     with pytest.raises(ValueError, match="beam_size"):
         beam_search(decoder, encoded(1), beam_size=0, **SPECIAL)
+
+
+def ragged_images(batch: int, seed: int) -> tuple[EncoderOutput, torch.Tensor]:
+    """Images whose first feature says how many words (1–8) their caption has."""
+    g = torch.Generator().manual_seed(seed)
+    words = torch.randint(1, 9, (batch,), generator=g)
+    grid = torch.randn(batch, L, D, generator=g, dtype=torch.float64)
+    grid[:, :, 0] = words[:, None] / 4.0
+    return EncoderOutput(grid=grid, pooled=grid.mean(1)), words
+
+
+@functools.cache
+def ragged_decoder(kind: str) -> CaptionDecoder:
+    """A tiny decoder trained for a second so its captions end at many different lengths, as a
+    trained model's do (an untrained one says <eos> at once or never): compaction gets exercised."""
+    dec = make(kind).train()
+    enc, words = ragged_images(64, seed=100)
+    g = torch.Generator().manual_seed(101)
+    tokens = torch.zeros(64, 10, dtype=torch.long)
+    tokens[:, 0] = BOS
+    for i, n in enumerate(words.tolist()):
+        tokens[i, 1 : n + 1] = torch.randint(3, V, (n,), generator=g)
+        tokens[i, n + 1] = EOS
+    optimizer = torch.optim.Adam(dec.parameters(), lr=0.03)
+    for _ in range(60):
+        out = dec(enc, tokens, words + 2)
+        loss = torch.nn.functional.cross_entropy(out.logits, out.targets) + out.aux_loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return dec.eval()
+
+
+@pytest.mark.parametrize("kind", ["show_tell", "show_attend_tell"])
+@pytest.mark.parametrize(("beam_size", "length_alpha"), [(1, 0.0), (3, 0.0), (4, 0.7)])
+def test_beam_search_gives_the_captions_of_the_reference(kind, beam_size, length_alpha):
+    """Compaction of finished images, shared memory and backtracking: same tokens, scores, alphas."""
+    dec = ragged_decoder(kind)
+    for seed in range(3):
+        enc, _ = ragged_images(13, seed=seed)
+        args = dict(beam_size=beam_size, max_len=12, length_alpha=length_alpha, **SPECIAL)
+        got, expected = beam_search(dec, enc, **args), reference_beam_search(dec, enc, **args)
+        assert torch.equal(got.tokens, expected.tokens)
+        torch.testing.assert_close(got.scores, expected.scores)
+        if expected.alphas is None:
+            assert got.alphas is None
+        else:
+            torch.testing.assert_close(got.alphas, expected.alphas)
+
+
+@pytest.mark.parametrize("kind", ["show_tell", "show_attend_tell"])
+def test_greedy_gives_the_captions_of_the_reference(kind):
+    dec = ragged_decoder(kind)
+    for seed in range(3):
+        enc, _ = ragged_images(13, seed=seed)
+        got, expected = greedy(dec, enc, max_len=12, **SPECIAL), reference_greedy(dec, enc, max_len=12, **SPECIAL)
+        assert torch.equal(got.tokens, expected.tokens)
+        torch.testing.assert_close(got.scores, expected.scores)
+        if expected.alphas is not None:
+            torch.testing.assert_close(got.alphas, expected.alphas)
+
+
+class Counting(CaptionDecoder):
+    """Another decoder with its step's batch sizes recorded."""
+
+    def __init__(self, inner: CaptionDecoder):
+        super().__init__(vocab_size=inner.vocab_size)
+        self.inner, self.rows = inner, []
+
+    def prepare(self, enc):
+        return self.inner.prepare(enc)
+
+    def init_state(self, mem):
+        return self.inner.init_state(mem)
+
+    def expand_memory(self, mem, beams):
+        return self.inner.expand_memory(mem, beams)
+
+    def step(self, tokens, state, mem):
+        self.rows.append(tokens.shape[0])
+        return self.inner.step(tokens, state, mem)
+
+    def forward(self, enc, captions, lengths):
+        return self.inner(enc, captions, lengths)
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_finished_images_stop_costing_work(search):
+    """Images whose captions have all ended leave the batch: later steps run on fewer rows."""
+    dec = Counting(ragged_decoder("show_attend_tell"))
+    enc, _ = ragged_images(40, seed=7)
+    if search == "greedy":
+        out = greedy(dec, enc, max_len=30, **SPECIAL)
+    else:
+        out = beam_search(dec, enc, beam_size=3, max_len=30, **SPECIAL)
+    rows = dec.rows
+    assert rows[0] == (40 if search == "greedy" else 120)
+    assert all(a >= b for a, b in zip(rows, rows[1:], strict=False)) and rows[-1] < rows[0] / 2, rows
+    assert out.tokens.shape[-1] == len(rows) < 30  # …and the search ends when every image has
+
+
+# --- references: the decoding loops as they were before the speed work, kept verbatim -----------
+
+
+@torch.no_grad()
+def reference_greedy(
+    decoder: CaptionDecoder,
+    enc: EncoderOutput,
+    *,
+    bos: int,
+    eos: int,
+    pad: int,
+    max_len: int,
+) -> Captions:
+    """Greedy decoding as it was before compaction (kept verbatim as the reference)."""
+    mem = decoder.prepare(enc)
+    state = decoder.init_state(mem)
+    batch = enc.pooled.shape[0]
+    device = enc.pooled.device
+    tokens = torch.full((batch,), bos, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    scores = torch.zeros(batch, device=device, dtype=enc.pooled.dtype)
+    out_tokens, out_alphas = [], []
+    for _ in range(max_len):
+        out = decoder.step(tokens, state, mem)
+        state = out.state
+        logprobs = _forbid(out.logprobs, bos, pad)
+        chosen = logprobs.argmax(-1)  # (B,)
+        chosen = torch.where(done, torch.full_like(chosen, pad), chosen)
+        step_score = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
+        scores = scores + torch.where(done, torch.zeros_like(step_score), step_score)
+        out_tokens.append(chosen)
+        if out.alpha is not None:
+            out_alphas.append(out.alpha * (~done).unsqueeze(1))
+        done = done | (chosen == eos)
+        tokens = chosen
+        if bool(done.all()):
+            break
+    seq = torch.stack(out_tokens, dim=1).unsqueeze(1)  # (B, 1, T)
+    alphas = torch.stack(out_alphas, dim=1).unsqueeze(1) if out_alphas else None  # (B, 1, T, L)
+    return Captions(tokens=seq, scores=scores.unsqueeze(1), alphas=alphas)
+
+
+@torch.no_grad()
+def reference_beam_search(decoder, enc, *, bos, eos, pad, beam_size, max_len, length_alpha=0.0) -> Captions:
+    """Beam search as it was before compaction and backtracking (kept verbatim as the reference)."""
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be ≥ 1, got {beam_size}")
+    batch, k = enc.pooled.shape[0], beam_size
+    device = enc.pooled.device
+    mem = decoder.prepare(tree_map(lambda x: x.repeat_interleave(k, dim=0), enc))  # (B*K, …)
+    state = decoder.init_state(mem)
+    tokens = torch.full((batch * k,), bos, dtype=torch.long, device=device)
+    # Only beam 0 is live at the start, so the first step does not pick K copies of one word.
+    scores = torch.full((batch, k), float("-inf"), device=device, dtype=enc.pooled.dtype)
+    scores[:, 0] = 0.0
+    done = torch.zeros(batch, k, dtype=torch.bool, device=device)
+    history = torch.empty(batch, k, 0, dtype=torch.long, device=device)  # (B, K, t)
+    alpha_history: torch.Tensor | None = None  # (B, K, t, L)
+    lengths = torch.zeros(batch, k, device=device)
+    offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)  # (B, 1)
+    for _ in range(max_len):
+        out = decoder.step(tokens, state, mem)
+        vocab = out.logprobs.shape[-1]
+        logprobs = _forbid(out.logprobs, bos, pad).view(batch, k, vocab)  # (B, K, V)
+        # An ended beam may only emit <pad>, at no cost: its score stays as it was.
+        ended = torch.full_like(logprobs, float("-inf"))
+        ended[..., pad] = 0.0
+        logprobs = torch.where(done.unsqueeze(-1), ended, logprobs)
+        candidates = (scores.unsqueeze(-1) + logprobs).view(batch, k * vocab)  # (B, K*V)
+        scores, flat = candidates.topk(k, dim=-1)  # (B, K)
+        parent = torch.div(flat, vocab, rounding_mode="floor")  # (B, K)
+        word = flat % vocab  # (B, K)
+        rows = (offsets + parent).view(-1)  # (B*K,) rows of the flattened beams to keep
+        state = tree_map(lambda x, rows=rows: x.index_select(0, rows), out.state)
+        history = torch.cat([history.gather(1, parent.unsqueeze(-1).expand_as(history)), word.unsqueeze(-1)], dim=-1)
+        if out.alpha is not None:
+            alpha = out.alpha.view(batch, k, -1).gather(1, parent.unsqueeze(-1).expand(-1, -1, out.alpha.shape[-1]))
+            was_done = done.gather(1, parent)
+            alpha = alpha * (~was_done).unsqueeze(-1)  # (B, K, L); zero after the caption ended
+            if alpha_history is None:
+                alpha_history = alpha.unsqueeze(2)
+            else:
+                kept = alpha_history.gather(
+                    1, parent[:, :, None, None].expand(-1, -1, *alpha_history.shape[2:])
+                )  # (B, K, t, L)
+                alpha_history = torch.cat([kept, alpha.unsqueeze(2)], dim=2)
+        was_done = done.gather(1, parent)
+        lengths = lengths.gather(1, parent) + (~was_done).float()
+        done = was_done | (word == eos)
+        tokens = word.view(-1)
+        if bool(done.all()):
+            break
+    final = scores / length_penalty(lengths, length_alpha)
+    final, order = final.sort(dim=-1, descending=True)  # (B, K)
+    history = history.gather(1, order.unsqueeze(-1).expand_as(history))
+    if alpha_history is not None:
+        alpha_history = alpha_history.gather(1, order[:, :, None, None].expand_as(alpha_history))
+    return Captions(tokens=history, scores=final, alphas=alpha_history)

@@ -1,7 +1,10 @@
 """Greedy decoding, sampling and beam search for any ``CaptionDecoder``.
 
 All three are batched: B images (× K beams) advance together, one ``decoder.step`` per word,
-with no Python loop over images. They only use ``prepare``/``init_state``/``step``.
+with no Python loop over images. They only use ``prepare``/``init_state``/``step`` (and
+``expand_memory``, which lets a decoder share one image's memory between its K beams). Greedy
+decoding and beam search drop images whose captions have all ended from the batch, so a long
+caption does not make the short ones keep costing work.
 """
 
 from __future__ import annotations
@@ -71,6 +74,20 @@ def _forbid(logprobs: Tensor, *tokens: int) -> Tensor:
     return logprobs
 
 
+# A batch is compacted (finished images dropped from the state and memory) once at least this
+# fraction of its rows has finished: finished rows stop costing work, and the memory (an image's
+# grid and keys) is copied O(log B) times rather than at every step.
+_COMPACT_FRACTION = 0.1
+
+
+def _needs_compaction(finished: int, rows: int) -> bool:
+    return finished > 0 and (finished == rows or finished >= _COMPACT_FRACTION * rows)
+
+
+def _select(tree: Any, index: Tensor) -> Any:
+    return tree_map(lambda x: x.index_select(0, index), tree)
+
+
 def _one_token_at_a_time(
     decoder: CaptionDecoder,
     enc: EncoderOutput,
@@ -80,34 +97,49 @@ def _one_token_at_a_time(
     pad: int,
     max_len: int,
     pick: Callable[[Tensor], Tensor],
+    compact: bool,
 ) -> Captions:
-    """Greedy decoding and sampling: ``pick`` chooses each next token from (B, V) log-probs."""
+    """Greedy decoding and sampling: ``pick`` chooses each next token from (B, V) log-probs.
+
+    With ``compact``, captions that have ended leave the batch (see ``_COMPACT_FRACTION``);
+    sampling keeps every row so a seeded generator draws the same numbers whatever the lengths.
+    """
     mem = decoder.prepare(enc)
     state = decoder.init_state(mem)
     batch = enc.pooled.shape[0]
     device = enc.pooled.device
+    active = torch.arange(batch, device=device)  # (b,) original rows still in the batch
     tokens = torch.full((batch,), bos, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     scores = torch.zeros(batch, device=device, dtype=enc.pooled.dtype)
+    final_scores = torch.zeros(batch, device=device, dtype=enc.pooled.dtype)
     out_tokens, out_alphas = [], []
     for _ in range(max_len):
         out = decoder.step(tokens, state, mem)
         state = out.state
         logprobs = _forbid(out.logprobs, bos, pad)
-        chosen = pick(logprobs)  # (B,)
+        chosen = pick(logprobs)  # (b,)
         chosen = torch.where(done, torch.full_like(chosen, pad), chosen)
         step_score = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
         scores = scores + torch.where(done, torch.zeros_like(step_score), step_score)
-        out_tokens.append(chosen)
+        out_tokens.append(chosen.new_full((batch,), pad).index_copy(0, active, chosen))
         if out.alpha is not None:
-            out_alphas.append(out.alpha * (~done).unsqueeze(1))
+            alpha = out.alpha * (~done).unsqueeze(1)  # (b, L)
+            out_alphas.append(alpha.new_zeros(batch, alpha.shape[1]).index_copy(0, active, alpha))
         done = done | (chosen == eos)
         tokens = chosen
-        if bool(done.all()):
+        finished = int(done.sum())
+        if finished == done.shape[0]:
             break
+        if compact and _needs_compaction(finished, done.shape[0]):
+            final_scores = final_scores.index_copy(0, active[done], scores[done])
+            keep = (~done).nonzero().squeeze(1)  # (b',)
+            active, tokens, scores, done = active[keep], tokens[keep], scores[keep], done[keep]
+            state, mem = _select(state, keep), _select(mem, keep)
+    final_scores = final_scores.index_copy(0, active, scores)
     seq = torch.stack(out_tokens, dim=1).unsqueeze(1)  # (B, 1, T)
     alphas = torch.stack(out_alphas, dim=1).unsqueeze(1) if out_alphas else None  # (B, 1, T, L)
-    return Captions(tokens=seq, scores=scores.unsqueeze(1), alphas=alphas)
+    return Captions(tokens=seq, scores=final_scores.unsqueeze(1), alphas=alphas)
 
 
 @torch.no_grad()
@@ -123,7 +155,9 @@ def greedy(decoder: CaptionDecoder, enc: EncoderOutput, *, bos: int, eos: int, p
     Returns:
         Captions with K = 1.
     """
-    return _one_token_at_a_time(decoder, enc, bos=bos, eos=eos, pad=pad, max_len=max_len, pick=lambda lp: lp.argmax(-1))
+    return _one_token_at_a_time(
+        decoder, enc, bos=bos, eos=eos, pad=pad, max_len=max_len, pick=lambda lp: lp.argmax(-1), compact=True
+    )
 
 
 def sample(
@@ -147,7 +181,7 @@ def sample(
         probs = (logprobs.detach() / temperature).softmax(dim=-1)  # ruled-out tokens get probability 0
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-    return _one_token_at_a_time(decoder, enc, bos=bos, eos=eos, pad=pad, max_len=max_len, pick=pick)
+    return _one_token_at_a_time(decoder, enc, bos=bos, eos=eos, pad=pad, max_len=max_len, pick=pick, compact=False)
 
 
 def length_penalty(lengths: Tensor, alpha: float) -> Tensor:
@@ -172,7 +206,9 @@ def beam_search(
     A beam that has emitted ``<eos>`` stays in the beam with its score frozen and emits ``<pad>``;
     the search stops when every beam of every image has ended or after ``max_len`` tokens, in
     which case unfinished beams are returned as they are (no ``<eos>``). Final hypotheses are
-    ranked by score / length_penalty(length, ``length_alpha``).
+    ranked by score / length_penalty(length, ``length_alpha``). An image whose K beams have all
+    ended leaves the batch (see ``_COMPACT_FRACTION``); each step records only parents and words,
+    and the captions are read back from the final beams at the end.
 
     Args:
         decoder: any caption decoder.
@@ -188,53 +224,73 @@ def beam_search(
     if beam_size < 1:
         raise ValueError(f"beam_size must be ≥ 1, got {beam_size}")
     batch, k = enc.pooled.shape[0], beam_size
-    device = enc.pooled.device
-    mem = decoder.prepare(tree_map(lambda x: x.repeat_interleave(k, dim=0), enc))  # (B*K, …)
-    state = decoder.init_state(mem)
+    device, dtype = enc.pooled.device, enc.pooled.dtype
+    mem = decoder.prepare(enc)  # (B, …): computed once per image
+    state = tree_map(lambda x: x.repeat_interleave(k, dim=0), decoder.init_state(mem))  # (B*K, …)
+    step_mem = decoder.expand_memory(mem, k)  # what step wants for K hypotheses per image
+    active = torch.arange(batch, device=device)  # (b,) original images still being searched
     tokens = torch.full((batch * k,), bos, dtype=torch.long, device=device)
     # Only beam 0 is live at the start, so the first step does not pick K copies of one word.
-    scores = torch.full((batch, k), float("-inf"), device=device, dtype=enc.pooled.dtype)
+    scores = torch.full((batch, k), float("-inf"), device=device, dtype=dtype)
     scores[:, 0] = 0.0
     done = torch.zeros(batch, k, dtype=torch.bool, device=device)
-    history = torch.empty(batch, k, 0, dtype=torch.long, device=device)  # (B, K, t)
-    alpha_history: Tensor | None = None  # (B, K, t, L)
     lengths = torch.zeros(batch, k, device=device)
-    offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)  # (B, 1)
+    final_scores = torch.zeros(batch, k, device=device, dtype=dtype)
+    final_lengths = torch.zeros(batch, k, device=device)
+    # Per step, in whole-batch coordinates, for backtracking at the end: which beam each new beam
+    # extends, its word, its attention. An image no longer searched keeps its beams (parent = k).
+    identity = torch.arange(k, device=device).expand(batch, k)
+    parents: list[Tensor] = []
+    words: list[Tensor] = []
+    alphas: list[Tensor] = []
     for _ in range(max_len):
-        out = decoder.step(tokens, state, mem)
+        b = active.shape[0]
+        out = decoder.step(tokens, state, step_mem)
         vocab = out.logprobs.shape[-1]
-        logprobs = _forbid(out.logprobs, bos, pad).view(batch, k, vocab)  # (B, K, V)
+        candidates = scores.unsqueeze(-1) + out.logprobs.view(b, k, vocab)  # (b, K, V), a new tensor
+        candidates[..., [bos, pad]] = float("-inf")  # never words of a caption
         # An ended beam may only emit <pad>, at no cost: its score stays as it was.
-        ended = torch.full_like(logprobs, float("-inf"))
-        ended[..., pad] = 0.0
-        logprobs = torch.where(done.unsqueeze(-1), ended, logprobs)
-        candidates = (scores.unsqueeze(-1) + logprobs).view(batch, k * vocab)  # (B, K*V)
-        scores, flat = candidates.topk(k, dim=-1)  # (B, K)
-        parent = torch.div(flat, vocab, rounding_mode="floor")  # (B, K)
-        word = flat % vocab  # (B, K)
-        rows = (offsets + parent).view(-1)  # (B*K,) rows of the flattened beams to keep
-        state = tree_map(lambda x, rows=rows: x.index_select(0, rows), out.state)
-        history = torch.cat([history.gather(1, parent.unsqueeze(-1).expand_as(history)), word.unsqueeze(-1)], dim=-1)
-        if out.alpha is not None:
-            alpha = out.alpha.view(batch, k, -1).gather(1, parent.unsqueeze(-1).expand(-1, -1, out.alpha.shape[-1]))
-            was_done = done.gather(1, parent)
-            alpha = alpha * (~was_done).unsqueeze(-1)  # (B, K, L); zero after the caption ended
-            if alpha_history is None:
-                alpha_history = alpha.unsqueeze(2)
-            else:
-                kept = alpha_history.gather(
-                    1, parent[:, :, None, None].expand(-1, -1, *alpha_history.shape[2:])
-                )  # (B, K, t, L)
-                alpha_history = torch.cat([kept, alpha.unsqueeze(2)], dim=2)
+        candidates.masked_fill_(done.unsqueeze(-1), float("-inf"))
+        candidates[..., pad] = torch.where(done, scores, candidates[..., pad])
+        scores, flat = candidates.view(b, k * vocab).topk(k, dim=-1)  # (b, K)
+        parent = torch.div(flat, vocab, rounding_mode="floor")  # (b, K)
+        word = flat % vocab  # (b, K)
+        rows = (torch.arange(b, device=device).unsqueeze(1) * k + parent).view(-1)  # (b*K,) beams kept
+        state = _select(out.state, rows)
         was_done = done.gather(1, parent)
+        parents.append(identity.index_copy(0, active, parent))
+        words.append(torch.full_like(identity, pad).index_copy(0, active, word))
+        if out.alpha is not None:
+            alpha = out.alpha.view(b, k, -1).gather(1, parent.unsqueeze(-1).expand(-1, -1, out.alpha.shape[-1]))
+            alpha = alpha * (~was_done).unsqueeze(-1)  # (b, K, L); zero after the caption ended
+            alphas.append(alpha.new_zeros(batch, k, alpha.shape[-1]).index_copy(0, active, alpha))
         lengths = lengths.gather(1, parent) + (~was_done).float()
         done = was_done | (word == eos)
         tokens = word.view(-1)
-        if bool(done.all()):
+        finished = done.all(dim=1)  # (b,) images whose K beams have all ended
+        n_finished = int(finished.sum())
+        if n_finished == b:
             break
-    final = scores / length_penalty(lengths, length_alpha)
-    final, order = final.sort(dim=-1, descending=True)  # (B, K)
-    history = history.gather(1, order.unsqueeze(-1).expand_as(history))
-    if alpha_history is not None:
-        alpha_history = alpha_history.gather(1, order[:, :, None, None].expand_as(alpha_history))
+        if _needs_compaction(n_finished, b):
+            final_scores = final_scores.index_copy(0, active[finished], scores[finished])
+            final_lengths = final_lengths.index_copy(0, active[finished], lengths[finished])
+            keep = (~finished).nonzero().squeeze(1)  # (b',)
+            active, scores, lengths, done = active[keep], scores[keep], lengths[keep], done[keep]
+            tokens = tokens.view(b, k)[keep].view(-1)
+            state = _select(state, (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1))
+            mem = _select(mem, keep)
+            step_mem = decoder.expand_memory(mem, k)
+    final_scores = final_scores.index_copy(0, active, scores)
+    final_lengths = final_lengths.index_copy(0, active, lengths)
+    final = final_scores / length_penalty(final_lengths, length_alpha)
+    final, beam = final.sort(dim=-1, descending=True)  # (B, K)
+    # Backtrack from the ranked final beams through the parents.
+    steps = len(words)
+    history = torch.empty(batch, k, steps, dtype=torch.long, device=device)
+    alpha_history = alphas[0].new_empty(batch, k, steps, alphas[0].shape[-1]) if alphas else None
+    for t in range(steps - 1, -1, -1):
+        history[:, :, t] = words[t].gather(1, beam)
+        if alpha_history is not None:
+            alpha_history[:, :, t] = alphas[t].gather(1, beam.unsqueeze(-1).expand(-1, -1, alphas[t].shape[-1]))
+        beam = parents[t].gather(1, beam)
     return Captions(tokens=history, scores=final, alphas=alpha_history)

@@ -43,12 +43,16 @@ def captions() -> tuple[torch.Tensor, torch.Tensor]:
 def test_forward_shapes_and_attention_rows_sum_to_one(decoder):
     tokens, lengths = captions()
     out = decoder(encoder_output(), tokens, lengths)
-    assert out.logits.shape == (B, tokens.shape[1] - 1, V)
+    mask = torch.arange(tokens.shape[1] - 1)[None] < (lengths - 1)[:, None]
+    assert torch.equal(out.mask, mask)
+    assert out.logits.shape == (int(mask.sum()), V)  # real positions only, never padding
+    assert torch.equal(out.targets, tokens[:, 1:][mask]) and (out.targets != 0).all()
+    assert out.padded_logits().shape == (B, tokens.shape[1] - 1, V)
     assert out.aux_loss.shape == ()
     assert torch.isfinite(out.logits).all() and torch.isfinite(out.aux_loss)
     if out.alphas is not None:
         assert out.alphas.shape == (B, tokens.shape[1] - 1, L)
-        torch.testing.assert_close(out.alphas.sum(-1), torch.ones(B, tokens.shape[1] - 1))
+        torch.testing.assert_close(out.alphas.sum(-1), mask.float())  # one over real steps, zero after
 
 
 def test_padding_never_changes_predictions_of_real_tokens(decoder):
@@ -58,8 +62,7 @@ def test_padding_never_changes_predictions_of_real_tokens(decoder):
     enc = encoder_output()
     short = decoder(enc, tokens, lengths)
     longer = decoder(enc, torch.cat([tokens, torch.zeros(B, 4, dtype=torch.long)], 1), lengths)
-    for row, n in enumerate(lengths.tolist()):
-        torch.testing.assert_close(short.logits[row, : n - 1], longer.logits[row, : n - 1])
+    torch.testing.assert_close(short.logits, longer.logits)
     torch.testing.assert_close(short.aux_loss, longer.aux_loss)
 
 
@@ -67,7 +70,7 @@ def test_every_parameter_gets_a_gradient(decoder):
     tokens, lengths = captions()
     enc = encoder_output()
     out = decoder(enc, tokens, lengths)
-    loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=0)
+    loss = torch.nn.functional.cross_entropy(out.logits, out.targets)
     (loss + out.aux_loss).backward()
     for name, p in decoder.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -79,14 +82,16 @@ def test_step_loop_equals_teacher_forcing(decoder):
     tokens, lengths = captions()
     enc = encoder_output()
     forced = decoder(enc, tokens, lengths)
+    logits = forced.padded_logits()
     mem = decoder.prepare(enc)
     state = decoder.init_state(mem)
     for t in range(tokens.shape[1] - 1):
         out = decoder.step(tokens[:, t], state, mem)
         state = out.state
-        torch.testing.assert_close(out.logprobs, forced.logits[:, t].log_softmax(-1), atol=1e-5, rtol=1e-5)
+        real = forced.mask[:, t]  # forward computes nothing for captions that have ended
+        torch.testing.assert_close(out.logprobs[real], logits[real, t].log_softmax(-1), atol=1e-5, rtol=1e-5)
         if forced.alphas is not None:
-            torch.testing.assert_close(out.alpha, forced.alphas[:, t], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(out.alpha[real], forced.alphas[real, t], atol=1e-6, rtol=1e-5)
         else:
             assert out.alpha is None
 
@@ -100,7 +105,7 @@ def test_doubly_stochastic_term_follows_eq_14():
     dec = ShowAttendTellDecoder(alpha_c=2.0, **kwargs)
     out = dec(enc, tokens, lengths)
     mask = torch.arange(tokens.shape[1] - 1)[None] < (lengths - 1)[:, None]
-    expected = 2.0 * ((1 - (out.alphas * mask[..., None]).sum(1)) ** 2).sum() / mask.sum()
+    expected = 2.0 * ((1 - out.alphas.sum(1)) ** 2).sum() / mask.sum()
     torch.testing.assert_close(out.aux_loss, expected)
     off = ShowAttendTellDecoder(alpha_c=0.0, **kwargs)
     assert off(enc, tokens, lengths).aux_loss == 0
@@ -133,5 +138,139 @@ def test_encoder_and_decoder_train_together(name):
     )
     tokens, lengths = captions()
     out = dec(enc(torch.rand(B, 3, 24, 24)), tokens, lengths)
-    out.logits.sum().backward()
-    assert all(p.grad is not None for p in enc.parameters())
+    (out.logits.sum() + out.aux_loss).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters())
+
+
+# --- the fast teacher-forced path against a straightforward one --------------------------------
+
+
+def reference_forward(dec: ShowAttendTellDecoder, enc: EncoderOutput, tokens: torch.Tensor, lengths: torch.Tensor):
+    """Show, Attend and Tell as it was written before the speed work: every step in the loop, the
+    output layer at every (padded) position, nn.LSTMCell, keys projected once. Returns the loss
+    (cross-entropy with ignore_index=<pad> + the doubly stochastic term) and the alphas."""
+    keys = dec.attention.project_keys(enc.grid)
+    mean = enc.grid.mean(dim=1)
+    h, c = torch.tanh(dec.init_h(mean)), torch.tanh(dec.init_c(mean))
+    words = dec.embed(tokens[:, :-1])
+    logits, alphas = [], []
+    for t in range(words.shape[1]):
+        emb = words[:, t]
+        context, alpha = dec.attention(keys, enc.grid, h)
+        if dec.f_beta is not None:
+            context = torch.sigmoid(dec.f_beta(h)) * context
+        h, c = dec.cell(torch.cat([emb, context], dim=-1), (h, c))
+        if dec.L_h is not None:
+            logits.append(dec.L_o(dec.dropout(emb + dec.L_h(h) + dec.L_z(context))))
+        else:
+            logits.append(dec.L_o(dec.dropout(h)))
+        alphas.append(alpha)
+    logits_t, alphas_t = torch.stack(logits, 1), torch.stack(alphas, 1)  # (B, T−1, V), (B, T−1, L)
+    mask = torch.arange(words.shape[1])[None] < (lengths - 1)[:, None]
+    ce = torch.nn.functional.cross_entropy(logits_t.flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=0)
+    penalty = ((1.0 - (alphas_t * mask[..., None]).sum(1)) ** 2).sum() / mask.sum()
+    return ce + dec.alpha_c * penalty, alphas_t * mask[..., None]
+
+
+def random_captions(batch: int, max_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, max_len + 1, (batch,), generator=g)
+    lengths[torch.randint(batch, (1,), generator=g)] = max_len
+    tokens = torch.randint(4, V, (batch, max_len), generator=g)
+    tokens[:, 0] = 1
+    for i, n in enumerate(lengths.tolist()):
+        tokens[i, n - 1], tokens[i, n:] = 2, 0
+    return tokens, lengths
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"gate": False, "deep_output": False}], ids=["paper", "plain"])
+@pytest.mark.parametrize("grid_grad", [False, True], ids=["cached_features", "encoder_trains"])
+def test_fast_forward_has_the_loss_and_gradients_of_the_straightforward_loop(kwargs, grid_grad):
+    """Hoisted matmuls, a shrinking sorted batch and hand-written attention backward change nothing."""
+    torch.manual_seed(0)
+    dec = ShowAttendTellDecoder(
+        vocab_size=V, feature_dim=D, embed_dim=6, hidden_dim=10, attention_dim=7, dropout=0.0, **kwargs
+    ).double()
+    tokens, lengths = random_captions(7, 9, seed=3)  # unsorted lengths, some of them equal
+    grid = torch.randn(7, L, D, dtype=torch.float64, requires_grad=grid_grad)
+    enc = EncoderOutput(grid=grid, pooled=grid.mean(1))
+    params = [p for p in dec.parameters()] + ([grid] if grid_grad else [])
+
+    expected_loss, expected_alphas = reference_forward(dec, enc, tokens, lengths)
+    expected = torch.autograd.grad(expected_loss, params)
+    out = dec(enc, tokens, lengths)
+    loss = torch.nn.functional.cross_entropy(out.logits, out.targets) + out.aux_loss
+    got = torch.autograd.grad(loss, params)
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(out.alphas, expected_alphas)
+    for g_got, g_expected in zip(got, expected, strict=True):
+        torch.testing.assert_close(g_got, g_expected)
+
+
+def test_backward_twice_through_a_retained_graph_doubles_the_gradients():
+    """The per-step gradient buffers of the fast loop are reset after each backward."""
+    torch.manual_seed(0)
+    dec = DECODERS["show_attend_tell"]().double()
+    tokens, lengths = captions()
+    grid = torch.randn(B, L, D, dtype=torch.float64, requires_grad=True)
+    out = dec(EncoderOutput(grid=grid, pooled=grid.mean(1)), tokens, lengths)
+    loss = torch.nn.functional.cross_entropy(out.logits, out.targets) + out.aux_loss
+    loss.backward(retain_graph=True)
+    once = [p.grad.clone() for p in dec.parameters()] + [grid.grad.clone()]
+    loss.backward()
+    for g_once, g_twice in zip(once, [p.grad for p in dec.parameters()] + [grid.grad], strict=True):
+        torch.testing.assert_close(g_twice, 2 * g_once)
+
+
+def reference_step(dec: ShowAttendTellDecoder, tokens, state, keys, grid):
+    """One step as it was written before the speed work (nn.LSTMCell, one row per image)."""
+    h, c = state
+    emb = dec.embed(tokens)
+    context, alpha = dec.attention(keys, grid, h)
+    context = torch.sigmoid(dec.f_beta(h)) * context
+    h, c = dec.cell(torch.cat([emb, context], dim=-1), (h, c))
+    logits = dec.L_o(emb + dec.L_h(h) + dec.L_z(context))
+    return logits.log_softmax(-1), (h, c), alpha
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["decoding", "autograd"])
+def test_hypotheses_of_one_image_share_its_memory(grad):
+    """step() with K hypotheses per image of an unexpanded memory == the old step on K copies of it."""
+    torch.manual_seed(0)
+    dec = DECODERS["show_attend_tell"]().double().eval()
+    enc = EncoderOutput(grid=torch.randn(B, L, D, dtype=torch.float64), pooled=torch.zeros(B, D))
+    with torch.set_grad_enabled(grad):
+        mem = dec.prepare(enc)
+        assert dec.expand_memory(mem, 4) is mem  # no copy of the grid per beam
+        state = tuple(
+            x.repeat_interleave(4, 0) + 0.1 * torch.randn(B * 4, 10, dtype=torch.float64) for x in dec.init_state(mem)
+        )
+        tokens = torch.randint(4, V, (B * 4,))
+        shared = dec.step(tokens, state, mem)
+        copied = CaptionDecoder.expand_memory(dec, mem, 4)  # the default: K copies
+        logprobs, (h, c), alpha = reference_step(dec, tokens, state, copied.keys, copied.grid)
+    torch.testing.assert_close(shared.logprobs, logprobs)
+    torch.testing.assert_close(shared.alpha, alpha)
+    torch.testing.assert_close(shared.state[0], h)
+    torch.testing.assert_close(shared.state[1], c)
+
+
+@pytest.mark.slow
+def test_compiled_step_gives_the_same_step():
+    """``compile_step=True`` (the GPU switch) changes how step runs, not what it computes."""
+    torch.manual_seed(0)
+    kwargs = dict(vocab_size=V, feature_dim=D, embed_dim=6, hidden_dim=10, attention_dim=7)
+    plain_dec = ShowAttendTellDecoder(**kwargs).eval()
+    compiled = ShowAttendTellDecoder(compile_step=True, **kwargs).eval()
+    compiled.load_state_dict(plain_dec.state_dict())
+    enc = encoder_output()
+    outs = []
+    with torch.no_grad():
+        for dec in (plain_dec, compiled):
+            mem = dec.prepare(enc)
+            state = dec.init_state(mem)
+            for t in range(3):
+                state = dec.step(torch.full((B,), t + 4), state, mem).state
+            outs.append(dec.step(torch.full((B,), 5), state, mem))
+    torch.testing.assert_close(outs[0].logprobs, outs[1].logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0].alpha, outs[1].alpha, atol=1e-5, rtol=1e-5)

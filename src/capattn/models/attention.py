@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor, nn
+
+_CHUNK_ELEMENTS = 1 << 20  # floats per chunk of tanh(keys + q) built in cache (4 MB in fp32)
 
 
 class SoftAttention(nn.Module):
     """Additive attention: e_ti = wᵀ tanh(W_a a_i + W_h h_{t−1}), α_t = softmax(e_t), ẑ_t = Σ_i α_ti a_i.
 
     ``W_a a_i`` does not depend on t, so ``project_keys`` computes it once per image and every
-    decoding step (and every beam) reuses it.
+    decoding step (and every beam) reuses it. ``attend`` takes an already projected query, so a
+    decoder can fuse ``W_h h`` with its other matmuls on h; it also lets K hypotheses of one
+    image (beams) share that image's keys and grid instead of K copies of them.
 
     Args:
         feature_dim: D, the size of each annotation vector a_i.
@@ -28,18 +35,155 @@ class SoftAttention(nn.Module):
         """(B, L, D) annotation vectors → (B, L, A) keys."""
         return self.key_proj(grid)
 
+    def attend(self, keys: Tensor, grid: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
+        """Attends with projected queries, K of them per image (image-major rows).
+
+        Args:
+            keys: (B, L, A) from ``project_keys``.
+            grid: (B, L, D) annotation vectors.
+            query: (B*K, A) ``W_h h_{t−1}`` (bias included) of K hypotheses per image; K = 1 in training.
+
+        Returns:
+            context (B*K, D) and attention weights alpha (B*K, L), which sum to one over L.
+        """
+        batch, locations, _ = keys.shape
+        k = query.shape[0] // batch
+        q = query.view(batch, k, 1, -1)  # (B, K, 1, A)
+        needs_graph = torch.is_grad_enabled() and (keys.requires_grad or q.requires_grad)
+        if needs_graph or keys.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+            energy = self.score(torch.tanh(keys.unsqueeze(1) + q)).squeeze(-1)  # (B, K, L, A) → (B, K, L)
+        else:
+            energy = self._energy_in_chunks(keys, q)
+        alpha = energy.softmax(dim=-1)  # (B, K, L)
+        # One (K × L) @ (L × D) matmul per image, the grid read once for all its hypotheses.
+        context = torch.bmm(alpha, grid)  # (B, K, D)
+        return context.view(batch * k, -1), alpha.view(batch * k, locations)
+
+    def _energy_in_chunks(self, keys: Tensor, q: Tensor) -> Tensor:
+        """wᵀ tanh(k + q) without autograd, a few images at a time through one small buffer.
+
+        The (B, K, L, A) sum is the largest tensor of a decoding step (200 MB for 100 images × 5
+        beams at A = 512); built whole, it is written, re-read and re-faulted from memory at every
+        step. In chunks of about 4 MB it stays in cache. (CPU only: a GPU streams it whole.)
+        """
+        batch, k, locations, width = keys.shape[0], q.shape[1], keys.shape[1], keys.shape[2]
+        per_image = k * locations * width
+        chunk = max(1, _CHUNK_ELEMENTS // per_image)
+        buf = keys.new_empty(min(chunk, batch), k, locations, width)
+        energy = keys.new_empty(batch, k, locations)
+        w = self.score.weight.squeeze(0)  # (A,)
+        for start in range(0, batch, chunk):
+            stop = min(start + chunk, batch)
+            part = buf[: stop - start]
+            torch.add(keys[start:stop].unsqueeze(1), q[start:stop], out=part).tanh_()  # (c, K, L, A)
+            torch.matmul(part, w, out=energy[start:stop])  # (c, K, L)
+        return energy.add_(self.score.bias)
+
     def forward(self, keys: Tensor, grid: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
         """Attends over the grid.
 
         Args:
             keys: (B, L, A) from ``project_keys``.
             grid: (B, L, D) annotation vectors.
-            hidden: (B, H) the previous hidden state h_{t−1}.
+            hidden: (B*K, H) the previous hidden states h_{t−1}, K per image (K = 1: one per image).
 
         Returns:
-            context (B, D) and attention weights alpha (B, L), which sum to one over L.
+            context (B*K, D) and attention weights alpha (B*K, L), which sum to one over L.
         """
-        energy = self.score(torch.tanh(keys + self.query_proj(hidden).unsqueeze(1))).squeeze(-1)  # (B, L)
-        alpha = energy.softmax(dim=-1)  # (B, L)
-        context = torch.bmm(alpha.unsqueeze(1), grid).squeeze(1)  # (B, 1, L) @ (B, L, D) → (B, D)
+        return self.attend(keys, grid, self.query_proj(hidden))
+
+    def over_steps(self, keys: Tensor, grid: Tensor) -> Callable[[Tensor, int], tuple[Tensor, Tensor]]:
+        """``attend`` for a teacher-forced time loop whose batch shrinks: ``fn(query, b)`` attends rows ``:b``.
+
+        Same values as ``attend(keys[:b], grid[:b], query)``, but the gradients of the keys (and of
+        the grid, when the encoder trains) from every step are summed in place into one buffer,
+        instead of autograd zero-padding each step's slice to (B, L, A) and adding it up: that
+        bookkeeping cost as much as the attention itself. The backward of step 0 runs last (every
+        later step depends on it through h), so it hands the summed buffer on.
+        """
+        shared: dict[str, Any] = {"keys": None, "energy": None, "grid": None}
+        calls = 0
+
+        def attend(query: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+            nonlocal calls
+            first, calls = calls == 0, calls + 1
+            if not torch.is_grad_enabled() or torch.is_autocast_enabled(query.device.type):
+                return self.attend(keys[:rows], grid[:rows], query)  # autograd handles mixed precision
+            return _SharedAttention.apply(keys, grid, query, self.score.weight, self.score.bias, rows, first, shared)
+
+        return attend
+
+
+class _SharedAttention(torch.autograd.Function):
+    """Softmax attention over rows ``:b`` of (B, L, ·) keys and grid, with hand-written backward.
+
+    Forward: s = tanh(keys + q), e = s w + b, α = softmax(e), ẑ = α grid. The (b, L, A) tensor s is
+    never stored: forward and backward rebuild it a few rows at a time in one cache-sized buffer,
+    which trades a cheap tanh for most of the step's memory traffic. Gradients of keys and grid
+    accumulate in ``shared`` buffers; only the call with ``first`` returns them (see ``over_steps``).
+    """
+
+    @staticmethod
+    def _chunks(keys: Tensor, rows: int) -> tuple[Tensor, int]:
+        per_row = keys.shape[1] * keys.shape[2]
+        # A GPU streams the whole (b, L, A) tensor at once; a CPU keeps a few rows in cache.
+        chunk = rows if keys.device.type != "cpu" else max(1, min(rows, _CHUNK_ELEMENTS // per_row))
+        return keys.new_empty(chunk, keys.shape[1], keys.shape[2]), chunk
+
+    @staticmethod
+    def forward(ctx, keys, grid, query, w, bias, rows, first, shared):  # type: ignore[override]
+        buf, chunk = _SharedAttention._chunks(keys, rows)
+        w_vec = w.squeeze(0)  # (A,)
+        energy = keys.new_empty(rows, keys.shape[1])  # (b, L)
+        for i in range(0, rows, chunk):
+            j = min(i + chunk, rows)
+            s = torch.add(keys[i:j], query[i:j].unsqueeze(1), out=buf[: j - i]).tanh_()  # (c, L, A)
+            torch.matmul(s, w_vec, out=energy[i:j])
+        alpha = energy.add_(bias).softmax(dim=-1)  # (b, L)
+        context = torch.bmm(alpha.unsqueeze(1), grid[:rows]).squeeze(1)  # (b, D)
+        ctx.save_for_backward(query, alpha, w)
+        ctx.keys, ctx.grid, ctx.rows, ctx.first, ctx.shared = keys, grid, rows, first, shared
         return context, alpha
+
+    @staticmethod
+    def backward(ctx, d_context, d_alpha):  # type: ignore[override]
+        query, alpha, w = ctx.saved_tensors
+        keys, rows, shared = ctx.keys, ctx.rows, ctx.shared
+        g = ctx.grid[:rows]
+        # d alpha from both outputs: the context ẑ = α grid and alpha itself (eq. 14 uses it)
+        d_alpha = d_alpha + torch.bmm(g, d_context.unsqueeze(2)).squeeze(2)  # (b, L)
+        d_energy = alpha * (d_alpha - (d_alpha * alpha).sum(dim=-1, keepdim=True))  # softmax backward, (b, L)
+        # d(k + q) = dE ⊗ w ⊙ (1 − s²). w is the same at every step, so the buffers sum dE (B, L) and
+        # dE ⊙ s² (B, L, A), and w is applied once, by the step-0 call.
+        need_keys = ctx.needs_input_grad[0]
+        if need_keys and shared["keys"] is None:
+            shared["keys"] = keys.new_zeros(keys.shape)
+            shared["energy"] = keys.new_zeros(keys.shape[:2])
+        buf, chunk = _SharedAttention._chunks(keys, rows)
+        w_vec = w.squeeze(0)
+        d_w = torch.zeros_like(w_vec)
+        d_query = torch.empty_like(query)  # (b, A)
+        for i in range(0, rows, chunk):
+            j = min(i + chunk, rows)
+            s = torch.add(keys[i:j], query[i:j].unsqueeze(1), out=buf[: j - i]).tanh_()  # (c, L, A), rebuilt
+            de = d_energy[i:j]  # (c, L)
+            d_w.addmv_(s.reshape(-1, s.shape[-1]).t(), de.reshape(-1))  # Σ dE s: (A,)
+            s2 = s.mul_(s)  # s², in place
+            d_query[i:j] = de.sum(dim=1, keepdim=True) - torch.bmm(de.unsqueeze(1), s2).squeeze(1)
+            if need_keys:
+                shared["keys"][i:j].addcmul_(s2, de.unsqueeze(-1))
+        d_query.mul_(w_vec)  # Σ_l dE_l (1 − s_l²) w: (b, A)
+        d_bias = d_energy.sum().reshape(1)
+        d_keys = d_grid = None
+        if need_keys:
+            shared["energy"][:rows] += d_energy
+            if ctx.first:
+                d_keys = shared["keys"].neg_().add_(shared["energy"].unsqueeze(-1)).mul_(w_vec)
+                shared["keys"] = shared["energy"] = None
+        if ctx.needs_input_grad[1]:
+            if shared["grid"] is None:
+                shared["grid"] = g.new_zeros(ctx.grid.shape)
+            shared["grid"][:rows].baddbmm_(alpha.unsqueeze(2), d_context.unsqueeze(1))  # α_iᵀ dẑ: (b, L, D)
+            if ctx.first:
+                d_grid, shared["grid"] = shared["grid"], None
+        return d_keys, d_grid, d_query, d_w.unsqueeze(0), d_bias, None, None, None

@@ -9,6 +9,7 @@ reorder them without knowing what they are.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,18 +40,33 @@ class StepOutput:
 
 @dataclass(frozen=True)
 class DecoderOutput:
-    """Teacher-forced decoding of a whole caption.
+    """Teacher-forced decoding of whole captions, scored only where a real token is predicted.
+
+    The output layer (a V-wide matmul) is the largest cost of a training step, so decoders apply it
+    to the N real positions only, never to padding; the cross-entropy over them equals the padded
+    one with ``ignore_index=<pad>``.
 
     Args:
-        logits: (B, T−1, V) scores of tokens 1…T−1 given the tokens before them.
-        alphas: (B, T−1, L) attention weights, or None.
+        logits: (N, V) scores of the N real target tokens, in the row-major order of ``mask``'s
+            True entries: ``logits[n]`` predicts ``targets[n]``.
+        targets: (N,) the tokens those logits predict, ``captions[:, 1:][mask]``.
+        mask: (B, T−1) True where step t predicts a real token (t < length − 1).
+        alphas: (B, T−1, L) attention weights, zero at padded steps, or None.
         aux_loss: scalar the decoder adds to the cross-entropy (e.g. doubly stochastic attention),
             already normalised per predicted token like the cross-entropy.
     """
 
     logits: Tensor
+    targets: Tensor
+    mask: Tensor
     alphas: Tensor | None
     aux_loss: Tensor
+
+    def padded_logits(self, fill: float = 0.0) -> Tensor:
+        """(B, T−1, V) logits laid out by position, ``fill`` where the caption has ended."""
+        out = self.logits.new_full((*self.mask.shape, self.logits.shape[-1]), fill)
+        out[self.mask] = self.logits
+        return out
 
 
 class CaptionDecoder(nn.Module, ABC):
@@ -81,7 +97,7 @@ class CaptionDecoder(nn.Module, ABC):
         Args:
             tokens: (B,) the previous token ids (``<bos>`` at the first step).
             state: the state returned by ``init_state`` or the previous ``step``.
-            mem: the memory returned by ``prepare``.
+            mem: the memory returned by ``prepare`` (or ``expand_memory``).
         """
 
     @abstractmethod
@@ -93,6 +109,19 @@ class CaptionDecoder(nn.Module, ABC):
             captions: (B, T) ``<bos> … <eos> <pad>…`` token ids.
             lengths: (B,) lengths including ``<bos>`` and ``<eos>``.
         """
+
+    def expand_memory(self, mem: Memory, beams: int) -> Memory:
+        """The memory ``step`` wants for ``beams`` hypotheses per image (state rows image-major, B*K).
+
+        The default repeats every tensor K times. A decoder whose ``step`` lets the K hypotheses of an
+        image share its memory (``ShowAttendTellDecoder``) returns it as it is, so beam search never
+        copies an image's grid K times.
+        """
+        if beams == 1:
+            return mem
+        from capattn.decoding import tree_map  # decoding imports this module
+
+        return tree_map(lambda x: x.repeat_interleave(beams, dim=0), mem)
 
 
 def _target_mask(lengths: Tensor, steps: int) -> Tensor:
@@ -151,9 +180,54 @@ class ShowTellDecoder(CaptionDecoder):
     def forward(self, enc: EncoderOutput, captions: Tensor, lengths: Tensor) -> DecoderOutput:
         words = self.dropout(self.embed(captions[:, :-1]))  # (B, T−1, E)
         inputs = torch.cat([self.prepare(enc).unsqueeze(1), words], dim=1)  # (B, T, E)
-        out, _ = self._run(inputs, None)  # (B, T, H)
-        logits = self.fc(self.dropout(out[:, 1:]))  # output after the image predicts nothing: (B, T−1, V)
-        return DecoderOutput(logits=logits, alphas=None, aux_loss=logits.new_zeros(()))
+        out, _ = self._run(inputs, None)  # (B, T, H); the output after the image predicts nothing
+        mask = _target_mask(lengths, captions.shape[1] - 1)  # (B, T−1)
+        logits = self.fc(self.dropout(out[:, 1:][mask]))  # (N, V): the output layer at real positions only
+        return DecoderOutput(
+            logits=logits, targets=captions[:, 1:][mask], mask=mask, alphas=None, aux_loss=logits.new_zeros(())
+        )
+
+
+class _LoopLinear(torch.autograd.Function):
+    """x Wᵀ inside a time loop, with the weight's gradient computed once for all steps.
+
+    Per step, backward only computes dx; the (dy, x) pairs are kept and the call of step 0, whose
+    backward runs last (every later step depends on it through h), computes dW = Σ_t dy_tᵀ x_t as
+    one (out × N) @ (N × in) matmul instead of T thin ones, each added into a full-size gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, first, pending):  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.first, ctx.pending = first, pending
+        return x @ weight.t()
+
+    @staticmethod
+    def backward(ctx, d_out):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        d_x = d_out @ weight if ctx.needs_input_grad[0] else None
+        d_w = None
+        if ctx.needs_input_grad[1]:
+            ctx.pending.append((d_out, x))
+            if ctx.first:
+                d_w = torch.cat([d for d, _ in ctx.pending]).t() @ torch.cat([x for _, x in ctx.pending])
+                ctx.pending.clear()
+        return d_x, d_w, None, None
+
+
+def _loop_linear(weight: Tensor) -> Callable[[Tensor], Tensor]:
+    """``fn(x) = x @ weight.t()`` for each step of one time loop (see ``_LoopLinear``)."""
+    pending: list[tuple[Tensor, Tensor]] = []
+    calls = 0
+
+    def linear(x: Tensor) -> Tensor:
+        nonlocal calls
+        first, calls = calls == 0, calls + 1
+        if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+            return x @ weight.t()  # autograd handles mixed precision
+        return _LoopLinear.apply(x, weight, first, pending)
+
+    return linear
 
 
 @dataclass(frozen=True)
@@ -172,6 +246,11 @@ class ShowAttendTellDecoder(CaptionDecoder):
     the deep output layer is p(y_t) ∝ exp(L_o(E y_{t−1} + L_h h_t + L_z ẑ_t)) (eq. 7); and the
     doubly stochastic term λ Σ_i (1 − Σ_t α_ti)² (eq. 14) pushes every location to be seen.
 
+    Teacher forcing keeps only what depends on h_{t−1} inside the time loop: the word part of the
+    LSTM input projection is one matmul for all steps before it, and the deep output layer one
+    matmul over the stacked real positions after it (see ``forward``). ``step`` lets the K beams
+    of an image share its grid and keys (``expand_memory``).
+
     Args:
         vocab_size: V.
         feature_dim: D of each annotation vector.
@@ -182,6 +261,8 @@ class ShowAttendTellDecoder(CaptionDecoder):
         alpha_c: λ of the doubly stochastic regularisation (0 disables it).
         gate: use the scalar β gate.
         deep_output: use the deep output layer (else a linear layer on h_t).
+        compile_step: run ``step`` (greedy, beam search, sampling) through ``torch.compile``; pays
+            off on a GPU, where one step is many small kernels. The first call compiles.
     """
 
     def __init__(
@@ -196,16 +277,20 @@ class ShowAttendTellDecoder(CaptionDecoder):
         alpha_c: float = 1.0,
         gate: bool = True,
         deep_output: bool = True,
+        compile_step: bool = False,
     ) -> None:
         super().__init__(vocab_size=vocab_size)
         self.feature_dim = feature_dim
+        self.embed_dim = embed_dim
+        self.compile_step = compile_step
+        self._compiled_step: Callable[..., StepOutput] | None = None
         self.alpha_c = alpha_c
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.attention = SoftAttention(feature_dim=feature_dim, hidden_dim=hidden_dim, attention_dim=attention_dim)
         self.init_h = nn.Linear(feature_dim, hidden_dim)
         self.init_c = nn.Linear(feature_dim, hidden_dim)
         self.f_beta = nn.Linear(hidden_dim, 1) if gate else None
-        self.cell = nn.LSTMCell(embed_dim + feature_dim, hidden_dim)
+        self.cell = nn.LSTMCell(embed_dim + feature_dim, hidden_dim)  # input [E y_{t−1}; ẑ_t]
         self.dropout = nn.Dropout(dropout)
         if deep_output:
             self.L_h = nn.Linear(hidden_dim, embed_dim)
@@ -222,39 +307,126 @@ class ShowAttendTellDecoder(CaptionDecoder):
         mean = mem.grid.mean(dim=1)  # (B, D)
         return torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))  # (B, H) each
 
-    def _advance(
-        self, emb: Tensor, state: tuple[Tensor, Tensor], mem: AttentionMemory
-    ) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
-        """One step from an embedded word: logits (B, V), new state, alpha (B, L)."""
-        h, c = state
-        context, alpha = self.attention(mem.keys, mem.grid, h)  # (B, D), (B, L)
+    def expand_memory(self, mem: AttentionMemory, beams: int) -> AttentionMemory:
+        return mem  # ``step`` broadcasts each image's grid and keys over its hypotheses
+
+    # --- the pieces of one step, shared by ``step`` and the teacher-forced loop ---------------------
+
+    def _recurrent_weights(self) -> tuple[Tensor, Tensor]:
+        """W_h of the attention query, f_β and the LSTM's W_hh stacked: one matmul on h_{t−1} per step."""
+        att = self.attention.query_proj
+        parts = [att, self.f_beta] if self.f_beta is not None else [att]
+        weight = torch.cat([p.weight for p in parts] + [self.cell.weight_hh])  # (A [+1] + 4H, H)
+        bias = torch.cat([p.bias for p in parts] + [self.cell.bias_hh])
+        return weight, bias
+
+    def _attend(
+        self, fused: Tensor, attend: Callable[[Tensor], tuple[Tensor, Tensor]]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Context ẑ_t (β-gated), alpha and the W_hh h_{t−1} + b_hh part of the gates.
+
+        ``fused`` is h_{t−1} times ``_recurrent_weights`` plus their bias: (B*K, A [+1] + 4H).
+        """
+        att_dim = self.attention.query_proj.out_features
+        context, alpha = attend(fused[:, :att_dim])  # (B*K, D), (B*K, L)
         if self.f_beta is not None:
-            context = torch.sigmoid(self.f_beta(h)) * context  # β_t: (B, 1) scalar gate per image
-        h, c = self.cell(torch.cat([emb, context], dim=-1), (h, c))
-        if self.L_h is not None:
-            logits = self.L_o(self.dropout(emb + self.L_h(h) + self.L_z(context)))  # eq. 7
-        else:
-            logits = self.L_o(self.dropout(h))
-        return logits, (h, c), alpha
+            context = torch.sigmoid(fused[:, att_dim : att_dim + 1]) * context  # β_t: (B*K, 1) scalar gate
+        return context, alpha, fused[:, -4 * self.cell.hidden_size :]
+
+    @staticmethod
+    def _lstm(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """LSTM pointwise update from pre-activations (B, 4H) in nn.LSTMCell's (i, f, g, o) order."""
+        i, f, g, o = gates.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+    def _output(self, emb: Tensor, h: Tensor, context: Tensor) -> Tensor:
+        """Eq. 7's deep output L_o(E y_{t−1} + L_h h_t + L_z ẑ_t) for any number of rows: (N, V)."""
+        if self.L_h is None:
+            return self.L_o(self.dropout(h))
+        return self.L_o(self.dropout(emb + self.L_h(h) + self.L_z(context)))
 
     def step(self, tokens: Tensor, state: tuple[Tensor, Tensor], mem: AttentionMemory) -> StepOutput:
-        logits, state, alpha = self._advance(self.embed(tokens), state, mem)
-        return StepOutput(logprobs=logits.log_softmax(dim=-1), state=state, alpha=alpha)
+        if not self.compile_step:
+            return self._step(tokens, state, mem)
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(self._step, dynamic=True)
+        return self._compiled_step(tokens, state, mem)
+
+    def _step(self, tokens: Tensor, state: tuple[Tensor, Tensor], mem: AttentionMemory) -> StepOutput:
+        h, c = state  # (B*K, H): K hypotheses per image of ``mem`` (K = 1 outside beam search)
+        weight, bias = self._recurrent_weights()
+        context, alpha, gates_h = self._attend(
+            torch.addmm(bias, h, weight.t()), lambda query: self.attention.attend(mem.keys, mem.grid, query)
+        )
+        emb = self.embed(tokens)  # (B*K, E)
+        w_ih = self.cell.weight_ih  # (4H, E + D): input [E y_{t−1}; ẑ_t]
+        gates = torch.addmm(gates_h + self.cell.bias_ih, emb, w_ih[:, : self.embed_dim].t())
+        gates = torch.addmm(gates, context, w_ih[:, self.embed_dim :].t())  # (B*K, 4H)
+        h, c = self._lstm(gates, c)
+        logits = self._output(emb, h, context)  # (B*K, V)
+        return StepOutput(logprobs=logits.log_softmax(dim=-1), state=(h, c), alpha=alpha)
 
     def forward(self, enc: EncoderOutput, captions: Tensor, lengths: Tensor) -> DecoderOutput:
-        mem = self.prepare(enc)
-        state = self.init_state(mem)
-        words = self.embed(captions[:, :-1])  # (B, T−1, E)
-        logits, alphas = [], []
-        for t in range(words.shape[1]):
-            step_logits, state, alpha = self._advance(words[:, t], state, mem)
-            logits.append(step_logits)
+        """Teacher forcing with only the recurrence in the time loop.
+
+        Rows are sorted by length so the rows still running at step t are the first b_t (a shrinking
+        batch, as in a PackedSequence); nothing is computed for padded steps. Real positions are
+        packed time-major while the loop runs, then put back in ``mask`` order for the output layer.
+        """
+        batch, steps = captions.shape[0], captions.shape[1] - 1
+        mask = _target_mask(lengths, steps)  # (B, T−1)
+        order = torch.argsort(lengths, descending=True, stable=True)  # (B,) longest first
+        sorted_mask = mask[order]  # (B, T−1), rows sorted
+        running = sorted_mask.sum(dim=0).tolist()  # b_t: rows still running at step t, non-increasing
+        steps_run = sum(1 for b in running if b > 0)
+        t_idx, r_idx = sorted_mask.t().nonzero(as_tuple=True)  # (N,) each: real positions, time-major
+        rows = order[r_idx]  # (N,) original row of each time-major position
+        # position in the time-major packing of every real (row, t), read in mask order
+        packed_at = torch.empty_like(captions[:, 1:])
+        packed_at[rows, t_idx] = torch.arange(rows.shape[0], device=captions.device)
+        to_mask_order = packed_at[mask]  # (N,)
+
+        identity = bool((order == torch.arange(batch, device=order.device)).all())
+        grid = enc.grid if identity else enc.grid.index_select(0, order)  # (B, L, D) sorted
+        mem = self.prepare(EncoderOutput(grid=grid, pooled=enc.pooled))
+        h, c = self.init_state(mem)  # (B, H) each
+
+        emb = self.embed(captions[rows, t_idx])  # (N, E) E y_{t−1} of every real position, time-major
+        w_ih = self.cell.weight_ih  # (4H, E + D): input [E y_{t−1}; ẑ_t]
+        e = self.embed_dim
+        # The word half of the LSTM input projection does not depend on h: one (N, E) @ (E, 4H) matmul.
+        gates_word = torch.addmm(self.cell.bias_ih, emb, w_ih[:, :e].t())  # (N, 4H)
+        context_linear = _loop_linear(w_ih[:, e:])  # ẑ_t ↦ W_z ẑ_t, (4H, D)
+        weight, bias = self._recurrent_weights()
+        recurrent_linear = _loop_linear(weight)
+        attend = self.attention.over_steps(mem.keys, mem.grid)  # rows :b of the keys and grid at each step
+
+        hs, contexts, alphas = [], [], []
+        start = 0
+        for t in range(steps_run):
+            b = running[t]
+            h, c = h[:b], c[:b]  # rows whose caption has ended drop out (sorted, so they are the last)
+            fused = recurrent_linear(h) + bias  # (b, A [+1] + 4H)
+            context, alpha, gates_h = self._attend(fused, lambda query, b=b: attend(query, b))
+            gates = gates_word[start : start + b] + gates_h + context_linear(context)  # (b, 4H)
+            h, c = self._lstm(gates, c)
+            hs.append(h)
+            contexts.append(context)
             alphas.append(alpha)
-        logits_t = torch.stack(logits, dim=1)  # (B, T−1, V)
-        alphas_t = torch.stack(alphas, dim=1)  # (B, T−1, L)
-        mask = _target_mask(lengths, alphas_t.shape[1])  # (B, T−1)
+            start += b
+
+        h_all = torch.cat(hs).index_select(0, to_mask_order)  # (N, H), mask order
+        z_all = torch.cat(contexts).index_select(0, to_mask_order)  # (N, D)
+        # The deep output layer and L_o once, on the N real positions stacked: (N, E) @ (E, V).
+        logits = self._output(emb.index_select(0, to_mask_order), h_all, z_all)  # (N, V)
+
+        alpha_all = torch.cat(alphas).index_select(0, to_mask_order)  # (N, L)
+        alphas_t = alpha_all.new_zeros(batch, steps, alpha_all.shape[-1]).index_put((mask,), alpha_all)
         # Eq. 14 per image, summed over the batch and divided by the number of predicted tokens:
         # the same normalisation as the masked-mean cross-entropy, so λ keeps the paper's weight.
-        coverage = (alphas_t * mask.unsqueeze(-1)).sum(dim=1)  # (B, L)
+        coverage = alphas_t.sum(dim=1)  # (B, L); padded steps are zero
         penalty = ((1.0 - coverage) ** 2).sum() / mask.sum().clamp(min=1)
-        return DecoderOutput(logits=logits_t, alphas=alphas_t, aux_loss=self.alpha_c * penalty)
+        return DecoderOutput(
+            logits=logits, targets=captions[:, 1:][mask], mask=mask, alphas=alphas_t, aux_loss=self.alpha_c * penalty
+        )

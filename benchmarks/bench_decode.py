@@ -1,0 +1,145 @@
+"""Decoding speed: greedy and beam search over 100 images, against one image at a time.
+
+    .venv/bin/python benchmarks/bench_decode.py            # paper sizes, 100 images, up to 51 steps
+    .venv/bin/python benchmarks/bench_decode.py --quick    # tiny sizes, for the test suite
+
+capattn's batched ``greedy``/``beam_search`` and the tutorial-style one-image-at-a-time beam
+search with autograd on (benchmarks/tutorial.py; same parameters) alternate in one process. The
+tutorial runs on a subset of the images (its cost per image does not depend on the others), so
+images/s of both are comparable. Untrained weights rarely say <eos>, so every search runs its
+full length: 51 steps, and 16 (a realistic length: most beams of a trained model end by 15).
+Then: how capattn's time grows with beam size and with the number of images, and Show and Tell
+the same way. Prints tables and appends them to RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _common import (  # noqa: E402
+    PAPER,
+    RESULTS,
+    append_results,
+    device_description,
+    features,
+    interleaved,
+    load_note,
+    markdown_table,
+    median,
+)
+from tutorial import tutorial_beam_search  # noqa: E402
+
+from capattn.decoding import beam_search, greedy  # noqa: E402
+from capattn.models.decoders import ShowAttendTellDecoder, ShowTellDecoder  # noqa: E402
+
+SPECIAL = dict(bos=1, eos=2, pad=0)
+
+
+def capattn_search(decoder, enc, beam: int, max_len: int):
+    def run():
+        with torch.no_grad():
+            if beam == 1:
+                return greedy(decoder, enc, max_len=max_len, **SPECIAL)
+            return beam_search(decoder, enc, beam_size=beam, max_len=max_len, **SPECIAL)
+
+    return run
+
+
+def tutorial_search(decoder, grid, beam: int, max_len: int):
+    return lambda: tutorial_beam_search(decoder, grid, beam_size=beam, max_len=max_len, **SPECIAL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--tutorial-images", type=int, default=5, help="images the slow baseline decodes per repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat, for the test suite")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="Markdown file the results are appended to")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sizes = dict(embed_dim=16, hidden_dim=16, attention_dim=16, vocab=50) if args.quick else {}
+    s = {**PAPER, **sizes}
+    d = 32 if args.quick else 2048
+    images, tut_images, repeats = (4, 2, 1) if args.quick else (args.images, args.tutorial_images, args.repeats)
+    lengths = (5, 3) if args.quick else (51, 16)
+    beams = (1, 3, 5)
+    torch.manual_seed(0)
+    common = dict(vocab_size=s["vocab"], feature_dim=d, embed_dim=s["embed_dim"], hidden_dim=s["hidden_dim"])
+    sat = ShowAttendTellDecoder(attention_dim=s["attention_dim"], **common).to(device).eval()
+    st = ShowTellDecoder(**common).to(device).eval()
+    enc = features(images, d, device=device)
+    note = load_note()
+
+    # 1. capattn vs the tutorial, interleaved.
+    rows = []
+    for max_len in lengths:
+        for beam in beams:
+            fns = {
+                "tutorial": tutorial_search(sat, enc.grid[:tut_images], beam, max_len),
+                "capattn": capattn_search(sat, enc, beam, max_len),
+            }
+            t = {name: median(xs) for name, xs in interleaved(fns, repeats, device).items()}
+            tut_ips, ips = tut_images / t["tutorial"], images / t["capattn"]
+            if beam == 1:  # greedy is deterministic: the two must say the same thing
+                ours = fns["capattn"]().tokens[:tut_images, 0].tolist()
+                theirs = fns["tutorial"]()
+                same = sum(a[: len(b)] == b for a, b in zip(ours, theirs, strict=True))
+                agree = f"{same}/{tut_images} captions identical"
+            else:
+                agree = ""
+            name = "greedy" if beam == 1 else f"beam {beam}"
+            rows.append([name, str(max_len), f"{tut_ips:.2f}", f"{ips:.1f}", f"{ips / tut_ips:.1f}×", agree])
+    table1 = markdown_table(
+        ["search", "max steps", "tutorial img/s (one at a time)", f"capattn img/s ({images} batched)", "speed-up", ""],
+        rows,
+    )
+    print(table1)
+
+    # 2. growth with beam size and batch size (capattn), and Show and Tell beside it.
+    max_len = lengths[1]  # the realistic length keeps this part short
+    grow = []
+    for beam in (1, 3, 5, 10) if not args.quick else (1, 3):
+        for batch in sorted({1, 10, images} if not args.quick else {1, images}):
+            sub = type(enc)(grid=enc.grid[:batch], pooled=enc.pooled[:batch])
+            fns = {"sat": capattn_search(sat, sub, beam, max_len), "st": capattn_search(st, sub, beam, max_len)}
+            t = {name: median(xs) for name, xs in interleaved(fns, repeats, device).items()}
+            grow.append(
+                [
+                    str(beam),
+                    str(batch),
+                    f"{1000 * t['sat'] / max_len:.1f}",
+                    f"{batch / t['sat']:.1f}",
+                    f"{batch / t['st']:.1f}",
+                    f"{t['st'] / t['sat']:.2f}×",
+                ]
+            )
+    table2 = markdown_table(
+        ["beam", "images", "SAT ms/step", "SAT img/s", "Show and Tell img/s", "Show and Tell time / SAT"], grow
+    )
+    print(table2)
+    title = (
+        f"bench_decode.py{' --quick' if args.quick else ''}, {device_description(device)}, torch {torch.__version__}"
+    )
+    body = (
+        f"Untrained weights (every search runs its full length), 196×{d} grid, V={s['vocab']}, {s['embed_dim']} dims, "
+        f"fp32; capattn decodes {images} images at once, the tutorial-style baseline one image at a time with autograd "
+        f"on ({tut_images} images per repeat); median of {repeats} interleaved repeats; {note}.\n\n{table1}\n\n"
+        f"Growth with beam size and images at {max_len} steps (capattn):\n\n{table2}\n"
+    )
+    append_results(args.results, title, body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

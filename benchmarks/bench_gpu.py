@@ -1,0 +1,147 @@
+"""GPU: training throughput at B=256, bf16 autocast and a compiled decoder step, one COCO epoch.
+
+    .venv/bin/python benchmarks/bench_gpu.py             # on a CUDA machine (H100/H200, A100, …)
+    .venv/bin/python benchmarks/bench_gpu.py --quick     # tiny sizes on whatever device there is (tests)
+
+Show, Attend and Tell at the paper's sizes (196×2048 grid, V=10,000, 512 dims) on cached features:
+1. Training step (forward, backward, Adam) in fp32 (TF32 matmuls) and under bf16 autocast:
+   captions/s, achieved TFLOP/s against the card's measured matmul peak in the same precision,
+   and one COCO epoch (113,287 images × 5 captions) projected from the step time.
+2. Beam search 5 and greedy over 1,000 images, with and without ``compile_step`` (the decoder's
+   torch.compile switch), in fp32 and bf16.
+Prints tables and appends them to RESULTS.md. Without CUDA (and without --quick) it says so and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _common import (  # noqa: E402
+    COCO_TRAIN_CAPTIONS,
+    PAPER,
+    RESULTS,
+    append_results,
+    caption_batch,
+    device_description,
+    features,
+    interleaved,
+    load_note,
+    markdown_table,
+    matmul_peak_gflops,
+    median,
+    sat_train_flops,
+)
+
+from capattn.decoding import beam_search, greedy  # noqa: E402
+from capattn.models.decoders import ShowAttendTellDecoder  # noqa: E402
+
+SPECIAL = dict(bos=1, eos=2, pad=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--images", type=int, default=1000, help="images decoded at once")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled decoder step")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes on any device, for the test suite")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="Markdown file the results are appended to")
+    args = parser.parse_args(argv)
+    if args.quick and not torch.cuda.is_available():
+        args.device = "cpu"
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_gpu.py: no CUDA device here; run it on a GPU machine (or --quick to check it on the CPU)")
+        return 0
+    torch.backends.cuda.matmul.allow_tf32 = True  # "fp32" training on a GPU means TF32 matmuls
+    torch.backends.cudnn.allow_tf32 = True
+    sizes = dict(embed_dim=16, hidden_dim=16, attention_dim=16, vocab=50) if args.quick else {}
+    s = {**PAPER, **sizes}
+    d = 32 if args.quick else 2048
+    batch, images, repeats = (4, 4, 1) if args.quick else (args.batch, args.images, args.repeats)
+    compile_too = not args.no_compile and not args.quick
+    note = load_note()
+    peaks = {
+        "fp32": matmul_peak_gflops(device, torch.float32, n=256 if args.quick else 8192),
+        "bf16": matmul_peak_gflops(device, torch.bfloat16, n=256 if args.quick else 8192),
+    }
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=s["vocab"], feature_dim=d, embed_dim=s["embed_dim"], hidden_dim=s["hidden_dim"])
+    sat = ShowAttendTellDecoder(attention_dim=s["attention_dim"], **common).to(device)
+    enc = features(batch, d, device=device)
+    tokens, lengths = caption_batch(batch, s["vocab"], device=device)
+    optimizer = torch.optim.Adam(sat.parameters(), fused=device.type == "cuda")
+    flops = sat_train_flops(lengths.cpu(), d, **sizes)
+
+    def train(precision: str):
+        def step() -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                out = sat(enc, tokens, lengths)
+                loss = F.cross_entropy(out.logits.float(), out.targets) + out.aux_loss.float()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return step
+
+    sat.train()
+    t = {name: median(xs) for name, xs in interleaved({p: train(p) for p in peaks}, repeats, device).items()}
+    rows = []
+    for precision, seconds in t.items():
+        tflops = flops / seconds / 1e12
+        rows.append(
+            [
+                precision,
+                f"{1000 * seconds:.1f}",
+                f"{batch / seconds:,.0f}",
+                f"{tflops:.1f} ({100 * tflops * 1e3 / peaks[precision]:.0f}% of {peaks[precision] / 1e3:.0f})",
+                f"{COCO_TRAIN_CAPTIONS / batch * seconds:.0f} s",
+            ]
+        )
+    table1 = markdown_table(
+        ["precision", f"ms/step (B={batch})", "captions/s", "TFLOP/s (% of matmul peak)", "COCO epoch"], rows
+    )
+    print(table1)
+
+    sat.eval()
+    grid = features(images, d, device=device)
+    max_len = 5 if args.quick else 51
+    rows2 = []
+    for compiled in (False, True) if compile_too else (False,):
+        sat.compile_step = compiled
+        for precision in peaks:
+            for beam in (1, 5):
+
+                def run(beam=beam, precision=precision):
+                    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+                        if beam == 1:
+                            return greedy(sat, grid, max_len=max_len, **SPECIAL)
+                        return beam_search(sat, grid, beam_size=beam, max_len=max_len, **SPECIAL)
+
+                seconds = median(interleaved({"run": run}, max(1, repeats // 3), device)["run"])
+                name = "greedy" if beam == 1 else f"beam {beam}"
+                rows2.append([name, precision, "yes" if compiled else "no", f"{images / seconds:,.0f}"])
+    table2 = markdown_table(["search", "precision", "compile_step", f"img/s ({images} images, {max_len} steps)"], rows2)
+    print(table2)
+    title = f"bench_gpu.py{' --quick' if args.quick else ''}, {device_description(device)}, torch {torch.__version__}"
+    body = (
+        f"Show, Attend and Tell, 196×{d} grid, V={s['vocab']}, {s['embed_dim']} dims, cached features, "
+        f"COCO-like lengths; {note}; matmul peak measured here: fp32/TF32 {peaks['fp32'] / 1e3:.1f}, "
+        f"bf16 {peaks['bf16'] / 1e3:.1f} TFLOP/s. COCO epoch = {COCO_TRAIN_CAPTIONS:,} captions / B × step "
+        f"(data loading not included).\n\n{table1}\n\nDecoding, untrained weights (full length):\n\n{table2}\n"
+    )
+    append_results(args.results, title, body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

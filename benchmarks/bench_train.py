@@ -1,0 +1,167 @@
+"""Training step of each decoder at the paper's sizes, against a tutorial-style implementation.
+
+    .venv/bin/python benchmarks/bench_train.py              # B=32, 196×2048 and 196×512 grids, V=10,000
+    .venv/bin/python benchmarks/bench_train.py --quick      # tiny sizes, for the test suite
+
+Show, Attend and Tell (capattn) and the tutorial-style baseline (benchmarks/tutorial.py, the same
+parameters computed the way tutorials do) run interleaved in one process, so their ratio holds
+on a busy machine; Show and Tell is reported beside them (absolute, and relative to SAT). A step
+is forward, loss, backward and an Adam update, on cached features (the encoder frozen), with
+COCO-like caption lengths. GFLOP/s counts the model's matmul work (``_common.sat_train_flops``)
+against the machine's measured matmul peak. Prints a table and appends it to RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _common import (  # noqa: E402
+    PAPER,
+    RESULTS,
+    append_results,
+    caption_batch,
+    device_description,
+    features,
+    interleaved,
+    load_note,
+    markdown_table,
+    matmul_peak_gflops,
+    median,
+    peak_memory_mb,
+    sat_train_flops,
+    show_tell_train_flops,
+)
+from tutorial import tutorial_loss  # noqa: E402
+
+from capattn.models.decoders import ShowAttendTellDecoder, ShowTellDecoder  # noqa: E402
+
+
+def train_step(decoder, optimizer, loss_fn):
+    def step() -> None:
+        loss = loss_fn()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def capattn_loss(decoder, enc, tokens, lengths):
+    """``CaptioningModule._losses``: cross-entropy over the real positions + the decoder's aux term."""
+
+    def loss() -> torch.Tensor:
+        out = decoder(enc, tokens, lengths)
+        return F.cross_entropy(out.logits, out.targets) + out.aux_loss
+
+    return loss
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat, for the test suite")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="Markdown file the results are appended to")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sizes = dict(embed_dim=16, hidden_dim=16, attention_dim=16, vocab=50) if args.quick else {}
+    dims = (32, 8) if args.quick else (2048, 512)
+    batch, repeats = (4, 1) if args.quick else (args.batch, args.repeats)
+    s = {**PAPER, **sizes}
+    common = dict(vocab_size=s["vocab"], embed_dim=s["embed_dim"], hidden_dim=s["hidden_dim"], dropout=0.5)
+    tokens, lengths = caption_batch(batch, s["vocab"], device=device)
+    peak = matmul_peak_gflops(device, n=512 if args.quick else 2048)
+    note = load_note()
+
+    rows, raw = [], {}
+    for d in dims:
+        torch.manual_seed(0)
+        enc = features(batch, d, device=device)
+        sat = ShowAttendTellDecoder(feature_dim=d, attention_dim=s["attention_dim"], **common).to(device)
+        st = ShowTellDecoder(feature_dim=d, **common).to(device)
+        # Same parameters, same loss: check it (dropout off) before timing anything.
+        sat.eval()
+        with torch.no_grad():
+            ours = capattn_loss(sat, enc, tokens, lengths)()
+            theirs = tutorial_loss(sat, enc.grid, tokens, lengths)
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+        sat.train(), st.train()
+        fns = {
+            "tutorial": train_step(
+                sat,
+                torch.optim.Adam(sat.parameters()),
+                lambda sat=sat, grid=enc.grid: tutorial_loss(sat, grid, tokens, lengths),
+            ),
+            "capattn": train_step(sat, torch.optim.Adam(sat.parameters()), capattn_loss(sat, enc, tokens, lengths)),
+            "show_tell": train_step(st, torch.optim.Adam(st.parameters()), capattn_loss(st, enc, tokens, lengths)),
+        }
+        mem = {name: peak_memory_mb(fn, device) for name, fn in fns.items()}
+        times = interleaved(fns, repeats, device)
+        t = {name: median(xs) for name, xs in times.items()}
+        flops = {
+            "tutorial": sat_train_flops(lengths, d, **sizes),
+            "capattn": sat_train_flops(lengths, d, **sizes),
+            "show_tell": show_tell_train_flops(lengths, d, **sizes),
+        }
+        raw[d] = t
+        labels = {
+            "tutorial": "SAT, tutorial-style",
+            "capattn": "SAT, capattn",
+            "show_tell": "Show and Tell, capattn",
+        }
+        for name in fns:
+            gflops = flops[name] / t[name] / 1e9
+            ratio = (
+                f"{t[name] / t['tutorial']:.2f}× tutorial"
+                if name != "show_tell"
+                else f"{t[name] / t['capattn']:.2f}× SAT"
+            )
+            rows.append(
+                [
+                    labels[name],
+                    f"196×{d}",
+                    f"{1000 * t[name]:.0f}",
+                    f"{batch / t[name]:.0f}",
+                    f"{flops[name] / 1e9:.1f}",
+                    f"{gflops:.0f} ({100 * gflops / peak:.0f}%)",
+                    f"{mem[name]:.0f}",
+                    ratio,
+                ]
+            )
+    header = [
+        "step",
+        "grid",
+        "median ms/step",
+        "captions/s",
+        "model GFLOP",
+        "GFLOP/s (% of peak)",
+        "peak MB",
+        "ratio",
+    ]
+    table = markdown_table(header, rows)
+    print(table)
+    words = float((lengths - 1).sum())
+    title = f"bench_train.py{' --quick' if args.quick else ''}, {device_description(device)}, torch {torch.__version__}"
+    body = (
+        f"B={batch}, V={s['vocab']}, {s['embed_dim']} dims, {int(words)} predicted words (COCO-like lengths), "
+        f"fp32, cached features, Adam; median of {repeats} interleaved repeats; {note}; "
+        f"measured matmul peak {peak:.0f} GFLOP/s (2048² fp32). The tutorial-style baseline is "
+        f"benchmarks/tutorial.py, same parameters, same loss (checked).\n\n{table}\n"
+    )
+    append_results(args.results, title, body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
