@@ -67,7 +67,6 @@ def ddp_run(tmp_path_factory) -> tuple[Path, dict]:
         "--trainer.precision=32",
         "--trainer.max_epochs=2",
         "--trainer.limit_train_batches=2",
-        "--trainer.callbacks+=capattn.callbacks.BestMetrics",
         "--test_after_fit=true",
         *TINY,
         cwd=root,

@@ -31,7 +31,8 @@ TINY = [
 
 def _samples(num_images: int) -> str:
     spec = {"class_path": "capattn.samples.ValidationSamples", "init_args": {"num_images": num_images}}
-    return f"--trainer.callbacks+={json.dumps(spec)}"
+    # Replaces the demo config's callbacks (which hold a ValidationSamples of their own).
+    return f"--trainer.callbacks=[{json.dumps(spec)}]"
 
 
 def test_files_in_the_run_folder_show_the_same_images_every_epoch(tmp_path, monkeypatch):

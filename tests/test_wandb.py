@@ -88,9 +88,7 @@ def offline_run(tmp_path_factory) -> tuple[Path, Path]:
     import wandb
 
     root = tmp_path_factory.mktemp("wandb")
-    callbacks = ["--trainer.callbacks+=capattn.callbacks.BestMetrics"]
-    if HAVE_SAMPLES:
-        callbacks.append("--trainer.callbacks+=capattn.samples.ValidationSamples")
+    callbacks: list[str] = []  # the demo config already has BestMetrics and ValidationSamples
     cwd, mode = os.getcwd(), os.environ.get("WANDB_MODE")
     os.chdir(root)
     os.environ["WANDB_MODE"] = "offline"
