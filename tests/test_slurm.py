@@ -37,7 +37,19 @@ def slurm_env(*, job_id: str, ntasks: int, per_node: int, procid: int, nodes: in
     }
 
 
+@pytest.fixture
+def _restore_rank_zero(monkeypatch):
+    """A Trainer built as rank 3 sets Lightning's process-wide rank; later in-process runs must be rank 0 again."""
+    from lightning.fabric.utilities import rank_zero as fabric_rank_zero
+    from lightning.pytorch.utilities import rank_zero as pl_rank_zero
+    from lightning_utilities.core import rank_zero as utils_rank_zero
+
+    for module in (fabric_rank_zero, pl_rank_zero, utils_rank_zero):
+        monkeypatch.setattr(module.rank_zero_only, "rank", getattr(module.rank_zero_only, "rank", 0))
+
+
 @pytest.mark.parametrize("procid", [0, 3])
+@pytest.mark.usefixtures("_restore_rank_zero")
 def test_ranks_come_from_slurm_with_the_ddp_piece(procid, monkeypatch):
     """Task 3 of 2 nodes × 2 tasks is global rank 3, local rank 1, node 1; the requeue handler is installed."""
     for key in [k for k in os.environ if k.startswith("SLURM_")]:
