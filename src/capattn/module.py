@@ -259,7 +259,9 @@ class CaptioningModule(L.LightningModule):
         scores = self.val_scorer.compute()  # every rank gets the same scores of the whole split
         self.val_scorer.reset()
         for name, value in scores.items():
-            self.log(f"val/{name}", value, prog_bar=name in ("BLEU-4", "CIDEr-D"))
+            # Every rank holds the same score of the whole split; sync_dist averages equal values (and
+            # keeps Lightning from warning that epoch-level values are not synced under DDP).
+            self.log(f"val/{name}", value, prog_bar=name in ("BLEU-4", "CIDEr-D"), sync_dist=True)
 
     def test_step(self, batch: CaptionBatch, batch_idx: int) -> dict[str, Any]:
         out = self._caption_batch(batch, self.encode(batch))
@@ -271,7 +273,7 @@ class CaptioningModule(L.LightningModule):
         scores = self.test_scorer.score(hypotheses, references)
         self.test_scorer.reset()
         for name, value in scores.items():
-            self.log(f"test/{name}", value)
+            self.log(f"test/{name}", value, sync_dist=True)  # equal on every rank, as above
         if self.trainer.is_global_zero:
             self._write_test_results(hypotheses, scores)
 
