@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -86,6 +87,19 @@ def require_file(path: Path, what: str, hint: str = "") -> Path:
     if not path.is_file():
         raise DataError(f"{what} not found: {path} — {hint}{DOWNLOAD_HELP}")
     return path
+
+
+def load_json(path: Path) -> Any:
+    """Parses a JSON annotation file; a syntax or encoding problem is one DataError naming the file and line."""
+    try:
+        with path.open("rb") as file:
+            return json.load(file)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{path}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno}) — re-download it (see data/README.md)"
+        ) from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 JSON ({err.reason}) — re-download it (see data/README.md)") from None
 
 
 def read_text(path: Path) -> str:

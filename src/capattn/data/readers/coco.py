@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import re
 from pathlib import Path
 from typing import Any
 
-from capattn.data.readers.base import SPLITS, CaptionReader, require_file
+from capattn.data.readers.base import SPLITS, CaptionReader, load_json, require_file
 from capattn.data.readers.karpathy import karpathy_splits
 from capattn.data.records import CaptionRecord
 from capattn.errors import DataError
@@ -140,15 +139,7 @@ def _split_of(path: Path) -> str:
 def _load(path: Path) -> dict[str, Any]:
     """Loads and checks one annotation file, naming the first problem."""
     require_file(path, "COCO annotation file")
-    try:
-        with path.open("rb") as file:
-            data = json.load(file)
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"{path}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno}) — re-download it (see data/README.md)"
-        ) from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 JSON ({err.reason}) — re-download it (see data/README.md)") from None
+    data = load_json(path)
     if (
         not isinstance(data, dict)
         or not isinstance(data.get("images"), list)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-from capattn.data.readers.base import SPLITS, CaptionReader, require_file
+from capattn.data.readers.base import SPLITS, CaptionReader, load_json, require_file
 from capattn.data.records import CaptionRecord
 from capattn.errors import DataError
 
@@ -164,15 +163,7 @@ def _read_arrow(path: Path) -> _Columns | None:
 
 def _read_python(path: Path) -> _Columns:
     """Reads the file's columns with json, naming the first problem it finds."""
-    try:
-        with path.open("rb") as file:
-            data = json.load(file)
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"{path}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno}) — re-download it (see data/README.md)"
-        ) from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 JSON ({err.reason}) — re-download it (see data/README.md)") from None
+    data = load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{path}: no 'images' list at the top — {_SCHEMA_HELP}")
     columns: _Columns = ([], [], [], [], [], [])
