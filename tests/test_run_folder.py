@@ -140,3 +140,18 @@ def test_slurm_layout_mismatch_is_one_line_instead_of_a_hang(monkeypatch, capsys
     assert exit_.value.code == 2
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("capattn: error:")]
     assert "--ntasks-per-node=4 but trainer.devices=2" in line and "Initializing distributed" in line
+
+
+def test_testing_a_checkpoint_keeps_the_fits_metrics_history():
+    """`capattn test` writes into the checkpoint's run folder; Lightning's CSVLogger would wipe the fit's rows."""
+    import csv
+
+    main(["fit", *TINY, "--trainer.max_epochs=2"])
+    metrics = EXPERIMENT / "show_tell-shapes-seed7" / "metrics.csv"
+    before = list(csv.DictReader(metrics.open()))
+    assert any(row.get("val/CIDEr-D") for row in before)
+    main(["test", *TINY, "--ckpt_path", str(EXPERIMENT / "show_tell-shapes-seed7" / "checkpoints" / "last.ckpt")])
+    after = list(csv.DictReader(metrics.open()))
+    assert len(after) == len(before) + 1 and after[-1]["test/CIDEr-D"]
+    for old, new in zip(before, after, strict=False):
+        assert {k: v for k, v in new.items() if k in old} == old

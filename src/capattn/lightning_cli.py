@@ -492,6 +492,8 @@ class CaptioningCLI(LightningCLI):
             step = checkpoint.get("global_step")
             log.info(f"resuming from {path} (epoch {checkpoint.get('epoch')}, step {step})")
             self._keep_csv_metrics(Path(cfg.trainer.default_root_dir) / "metrics.csv", int(step or 0))
+        else:  # test/validate/predict write into the checkpoint's run folder: keep the fit's history there
+            self._keep_csv_metrics(Path(cfg.trainer.default_root_dir) / "metrics.csv", sys.maxsize)
         hparams = dict(checkpoint.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         if not hparams:
@@ -550,12 +552,12 @@ class CaptioningCLI(LightningCLI):
             trainer.callbacks.insert(0, ExactResume())
             trainer.callbacks.insert(0, StopOnNonFinite())
             trainer.callbacks.append(last)
-            if self._kept_metrics is not None:
-                trainer.callbacks.insert(0, self._kept_metrics)
             self._last = last
             # Any train loader the datamodule gives starts an epoch where a checkpoint left off.
             datamodule, make = self.datamodule, self.datamodule.train_dataloader
             datamodule.train_dataloader = lambda: resumable(make())
+        if self._kept_metrics is not None:
+            trainer.callbacks.insert(0, self._kept_metrics)
         self.model.untrained = self.subcommand != "fit" and not cfg.get("ckpt_path")
         # An optimizer that refuses its settings (lr < 0, …) says so before data is prepared.
         if self.subcommand == "fit":
