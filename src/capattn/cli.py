@@ -50,12 +50,25 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def _other_rank() -> bool:
+    """True in a DDP/SLURM process other than global rank 0 (Lightning and srun set these variables)."""
+    return any(os.environ.get(key, "0") not in ("", "0") for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+class _RankZeroNotes(logging.Filter):
+    """Notes are printed once per job, by rank 0; warnings and errors by every rank."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or not _other_rank()
+
+
 def _setup_logging() -> None:
     """capattn's notes (``logging.getLogger("capattn.…").info``) go to stderr as ``capattn: …`` lines."""
     logger = logging.getLogger("capattn")
     if not logger.handlers:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("capattn: %(message)s"))
+        handler.addFilter(_RankZeroNotes())
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
