@@ -17,6 +17,17 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CAPATTN_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+# The shapes world at its smallest, with quick Java-free scoring: for runs through the real `capattn` CLI.
+TINY_SHAPES = [
+    "--data.reader.init_args.num_train=24",
+    "--data.reader.init_args.num_val=6",
+    "--data.reader.init_args.num_test=6",
+    "--data.batch_size=8",
+    "--data.num_workers=0",
+    "--model.val_scorers=[bleu,cider]",
+    "--model.test_scorers=[bleu,cider]",
+    "--model.tokenizer=simple",
+]
 
 
 @pytest.fixture(scope="session")

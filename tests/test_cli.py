@@ -11,20 +11,11 @@ import torch
 from capattn.cli import main
 from capattn.module import CaptioningModule
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, TINY_SHAPES
 
 # The shapes-world experiments; those on real datasets are run on stand-in data in tests/test_experiments.py.
 EXPERIMENTS = sorted((REPO_ROOT / "experiments").glob("demo_*.yaml"))
-TINY = [
-    "--data.reader.init_args.num_train=24",
-    "--data.reader.init_args.num_val=6",
-    "--data.reader.init_args.num_test=6",
-    "--data.batch_size=8",
-    "--data.num_workers=0",
-    "--model.val_scorers=[bleu,cider]",
-    "--model.test_scorers=[bleu,cider]",
-    "--model.tokenizer=simple",
-]
+TINY = TINY_SHAPES
 
 
 def run(*args: str) -> None:

@@ -17,7 +17,7 @@ import yaml
 from capattn.cli import main
 from capattn.sweep import SweepError, load_sweep_file, parse_devices, schema_violations, trial_argv
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, TINY_SHAPES
 
 SWEEP_FILES = sorted((REPO_ROOT / "experiments" / "sweeps").glob("*.yaml"))
 # capattn fit at its smallest: a few seconds per trial
@@ -25,14 +25,7 @@ TINY_FIT = [
     "--trainer.max_epochs=1",
     "--trainer.limit_train_batches=2",
     "--trainer.limit_val_batches=1",
-    "--data.reader.init_args.num_train=24",
-    "--data.reader.init_args.num_val=6",
-    "--data.reader.init_args.num_test=6",
-    "--data.batch_size=8",
-    "--data.num_workers=0",
-    "--model.val_scorers=[bleu,cider]",
-    "--model.test_scorers=[bleu,cider]",
-    "--model.tokenizer=simple",
+    *TINY_SHAPES,
 ]
 
 

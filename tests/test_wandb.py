@@ -14,21 +14,14 @@ import yaml
 
 from capattn.cli import main
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, TINY_SHAPES
 
 CONFIG = REPO_ROOT / "experiments" / "demo_show_attend_tell.yaml"
 WANDB = REPO_ROOT / "experiments" / "logger" / "wandb.yaml"
 TINY = [
     "--trainer.max_epochs=1",
     "--trainer.limit_train_batches=2",
-    "--data.reader.init_args.num_train=24",
-    "--data.reader.init_args.num_val=6",
-    "--data.reader.init_args.num_test=6",
-    "--data.batch_size=8",
-    "--data.num_workers=0",
-    "--model.val_scorers=[bleu,cider]",
-    "--model.test_scorers=[bleu,cider]",
-    "--model.tokenizer=simple",
+    *TINY_SHAPES,
 ]
 
 

@@ -14,20 +14,24 @@ def coco_image_id(image_id: str) -> int | str:
     return int(image_id) if image_id.isdigit() else image_id
 
 
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Writes JSON to a temporary file beside ``path`` and renames it into place."""
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Writes ``text`` to a temporary file beside ``path`` and renames it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, ensure_ascii=False)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Writes JSON to a temporary file beside ``path`` and renames it into place."""
+    return write_text_atomic(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
 
 def run_dir(trainer: Any) -> Path:

@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 
 from capattn.errors import CapattnError
-from capattn.io import write_json_atomic
+from capattn.io import write_json_atomic, write_text_atomic
 
 log = logging.getLogger("capattn.sweep")
 
@@ -429,19 +429,13 @@ def write_results(out: Path, config: dict[str, Any], trials: list[Trial]) -> str
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") or "–" for c in row) + " |" for row in rows]
     markdown = "\n".join(lines)
-    _write_text_atomic(out / "results.md", markdown + "\n")
+    write_text_atomic(out / "results.md", markdown + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)
     writer.writerows(rows)
-    _write_text_atomic(out / "results.csv", buffer.getvalue())
+    write_text_atomic(out / "results.csv", buffer.getvalue())
     return markdown
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # --- the controller -----------------------------------------------------------------------------

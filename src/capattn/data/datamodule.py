@@ -321,8 +321,7 @@ class CaptionDataModule(L.LightningDataModule):
         """Prepares the dataset (and the feature cache) when missing or stale; one process per node."""
         self.prepare_text()
         if self.features == "cache":
-            encoder = self._model_encoder()
-            check_frozen(encoder)
+            encoder = self._model_encoder()  # build_feature_cache refuses a trainable one
             device = self.trainer.strategy.root_device if self.trainer is not None else None
             self.prepare_features(encoder, device=device)
 
