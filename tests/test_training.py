@@ -12,7 +12,7 @@ from capattn.data.datamodule import CaptionDataModule
 from capattn.data.synthetic import ShapesReader
 from capattn.models.decoders import ShowAttendTellDecoder, ShowTellDecoder
 from capattn.models.encoder import ImageEncoder
-from capattn.module import CaptioningModule
+from capattn.module import CaptioningModule, with_fused_cpu_kernel
 
 
 def train_briefly(decoder_cls, tmp_path) -> tuple[list[float], dict, dict]:
@@ -193,3 +193,40 @@ def test_nan_in_a_resumed_checkpoint_stops_with_the_last_good_checkpoint(tmp_pat
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("capattn: error:")]
     assert "training loss is nan at step 2 (epoch 1, batch 0); stopped — the last good checkpoint is" in line
     assert str(last) in line and "--model.nonfinite_loss=skip" in line
+
+
+# --- the optimizer's CPU kernel ------------------------------------------------------------------
+
+
+def _adam_steps(optimizer_cls, wrap, steps=5, **kwargs):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(12, 7)
+    optimizer = wrap(optimizer_cls(model.parameters(), lr=1e-2, weight_decay=0.1, **kwargs))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(torch.randn(4, 12)).pow(2).sum().backward()
+        optimizer.step()
+    return model.weight.detach(), optimizer
+
+
+@pytest.mark.parametrize("optimizer_cls", [torch.optim.Adam, torch.optim.AdamW])
+def test_cpu_adam_gets_the_fused_kernel_and_the_same_updates(optimizer_cls):
+    """``with_fused_cpu_kernel``: torch's fused CPU Adam, same settings, same weights after training."""
+    plain, _ = _adam_steps(optimizer_cls, lambda o: o)
+    fused, optimizer = _adam_steps(optimizer_cls, functools.partial(with_fused_cpu_kernel, precision="32-true"))
+    assert type(optimizer) is optimizer_cls and optimizer.defaults["fused"] is True
+    assert all(g["fused"] is True and g["lr"] == 1e-2 and g["weight_decay"] == 0.1 for g in optimizer.param_groups)
+    torch.testing.assert_close(fused, plain)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "precision"),
+    [({"foreach": False}, "32-true"), ({"fused": False}, "32-true"), ({}, "bf16-mixed")],
+    ids=["user_chose_foreach", "user_chose_fused", "mixed_precision"],
+)
+def test_fused_kernel_is_not_forced_on_a_choice_or_under_mixed_precision(kwargs, precision):
+    """An implementation set in init_args is kept; Lightning refuses clipping with a fused optimizer under AMP."""
+    _, optimizer = _adam_steps(
+        torch.optim.Adam, functools.partial(with_fused_cpu_kernel, precision=precision), steps=1, **kwargs
+    )
+    assert not optimizer.defaults["fused"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -37,6 +38,28 @@ def _check_settings(*, beam_size: int, max_len: int, length_alpha: float, label_
         raise ConfigError(f"model.length_alpha must be ≥ 0 (0 = no length penalty), got {length_alpha}")
     if not 0 <= label_smoothing < 1:
         raise ConfigError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
+
+
+def with_fused_cpu_kernel(optimizer: torch.optim.Optimizer, *, precision: str) -> torch.optim.Optimizer:
+    """Adam/AdamW on CPU parameters with torch's fused CPU kernel, unless the user chose an implementation.
+
+    torch's default on a CPU is a Python loop over parameters, several passes over each: 85 ms of a
+    425 ms Show, Attend and Tell step at the paper's sizes (21 M parameters); the fused kernel, the
+    same update, takes 15 ms. Left alone: ``fused``/``foreach`` set in ``init_args``, parameters on a
+    GPU (torch already picks its multi-tensor kernel there), and mixed precision, where Lightning
+    refuses gradient clipping with a fused optimizer.
+    """
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or not precision.startswith(("32", "64")):
+        return optimizer
+    d = optimizer.defaults
+    if d.get("fused") is not None or d.get("foreach") is not None or d.get("differentiable") or d.get("capturable"):
+        return optimizer
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not params or any(p.device.type != "cpu" or not p.is_floating_point() for p in params):
+        return optimizer
+    groups = [{**group, "fused": True} for group in optimizer.param_groups]
+    accepted = inspect.signature(type(optimizer)).parameters  # AdamW's defaults hold a key its __init__ refuses
+    return type(optimizer)(groups, **{**{k: v for k, v in d.items() if k in accepted}, "fused": True})
 
 
 class CaptioningModule(L.LightningModule):
@@ -210,6 +233,8 @@ class CaptioningModule(L.LightningModule):
             optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
         except (ValueError, TypeError) as err:
             raise ConfigError(f"model.optimizer: {err} — fix model.optimizer.init_args") from None
+        trainer = self._trainer  # None when called outside a Trainer
+        optimizer = with_fused_cpu_kernel(optimizer, precision=str(trainer.precision) if trainer else "32-true")
         if self.scheduler_factory is None:
             return optimizer
         try:

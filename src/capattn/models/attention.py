@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-_CHUNK_ELEMENTS = 1 << 20  # floats per chunk of tanh(keys + q) built in cache (4 MB in fp32)
+_CHUNK_ELEMENTS = 3 << 17  # floats per chunk of tanh(keys + q) built in cache (1.5 MB in fp32, within one core's L2)
 
 
 class SoftAttention(nn.Module):
@@ -101,7 +101,7 @@ class SoftAttention(nn.Module):
         bookkeeping cost as much as the attention itself. The backward of step 0 runs last (every
         later step depends on it through h), so it hands the summed buffer on.
         """
-        shared: dict[str, Any] = {"keys": None, "energy": None, "grid": None}
+        shared: dict[str, Any] = {"keys": None, "energy": None, "grid": None, "buf": None}
         calls = 0
 
         def attend(query: Tensor, rows: int) -> tuple[Tensor, Tensor]:
@@ -124,15 +124,24 @@ class _SharedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def _chunks(keys: Tensor, rows: int) -> tuple[Tensor, int]:
+    def _chunks(keys: Tensor, rows: int, shared: dict[str, Any]) -> tuple[Tensor, int]:
+        """The buffer s is built in, and how many rows fit in it.
+
+        A GPU streams the whole (b, L, A) tensor at once; a CPU keeps a few rows in cache. The buffer
+        is allocated once per time loop and reused by every step, forward and backward: a fresh
+        multi-megabyte tensor per call costs page faults that took longer than the tanh.
+        """
         per_row = keys.shape[1] * keys.shape[2]
-        # A GPU streams the whole (b, L, A) tensor at once; a CPU keeps a few rows in cache.
-        chunk = rows if keys.device.type != "cpu" else max(1, min(rows, _CHUNK_ELEMENTS // per_row))
-        return keys.new_empty(chunk, keys.shape[1], keys.shape[2]), chunk
+        if keys.device.type != "cpu":
+            return keys.new_empty(rows, keys.shape[1], keys.shape[2]), rows
+        chunk = max(1, min(keys.shape[0], _CHUNK_ELEMENTS // per_row))
+        if shared["buf"] is None:
+            shared["buf"] = keys.new_empty(chunk, keys.shape[1], keys.shape[2])
+        return shared["buf"], chunk
 
     @staticmethod
     def forward(ctx, keys, grid, query, w, bias, rows, first, shared):  # type: ignore[override]
-        buf, chunk = _SharedAttention._chunks(keys, rows)
+        buf, chunk = _SharedAttention._chunks(keys, rows, shared)
         w_vec = w.squeeze(0)  # (A,)
         energy = keys.new_empty(rows, keys.shape[1])  # (b, L)
         for i in range(0, rows, chunk):
@@ -151,7 +160,7 @@ class _SharedAttention(torch.autograd.Function):
         keys, rows, shared = ctx.keys, ctx.rows, ctx.shared
         g = ctx.grid[:rows]
         # d alpha from both outputs: the context ẑ = α grid and alpha itself (eq. 14 uses it)
-        d_alpha = d_alpha + torch.bmm(g, d_context.unsqueeze(2)).squeeze(2)  # (b, L)
+        d_alpha = d_alpha + _grid_times(g, d_context)  # (b, L)
         d_energy = alpha * (d_alpha - (d_alpha * alpha).sum(dim=-1, keepdim=True))  # softmax backward, (b, L)
         # d(k + q) = dE ⊗ w ⊙ (1 − s²). w is the same at every step, so the buffers sum dE (B, L) and
         # dE ⊙ s² (B, L, A), and w is applied once, by the step-0 call.
@@ -159,7 +168,7 @@ class _SharedAttention(torch.autograd.Function):
         if need_keys and shared["keys"] is None:
             shared["keys"] = keys.new_zeros(keys.shape)
             shared["energy"] = keys.new_zeros(keys.shape[:2])
-        buf, chunk = _SharedAttention._chunks(keys, rows)
+        buf, chunk = _SharedAttention._chunks(keys, rows, shared)
         w_vec = w.squeeze(0)
         d_w = torch.zeros_like(w_vec)
         d_query = torch.empty_like(query)  # (b, A)
@@ -187,3 +196,17 @@ class _SharedAttention(torch.autograd.Function):
             if ctx.first:
                 d_grid, shared["grid"] = shared["grid"], None
         return d_keys, d_grid, d_query, d_w.unsqueeze(0), d_bias, None, None, None
+
+
+def _grid_times(grid: Tensor, vectors: Tensor) -> Tensor:
+    """(b, L, D) @ (b, D) → (b, L): each image's grid times its own vector.
+
+    On a CPU one matrix-vector product per image streams the grid at twice the speed of a batched
+    matmul with one column (measured: 1.1 ms against 2.1 ms for 32 × 196 × 2048); a GPU prefers bmm.
+    """
+    if grid.device.type != "cpu":
+        return torch.bmm(grid, vectors.unsqueeze(2)).squeeze(2)
+    out = vectors.new_empty(grid.shape[:2])
+    for i in range(grid.shape[0]):
+        torch.mv(grid[i], vectors[i], out=out[i])
+    return out

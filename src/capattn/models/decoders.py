@@ -189,45 +189,67 @@ class ShowTellDecoder(CaptionDecoder):
 
 
 class _LoopLinear(torch.autograd.Function):
-    """x Wᵀ inside a time loop, with the weight's gradient computed once for all steps.
+    """x W[:, k:]ᵀ inside a time loop, with the weight's gradient computed once for all steps.
 
     Per step, backward only computes dx; the (dy, x) pairs are kept and the call of step 0, whose
     backward runs last (every later step depends on it through h), computes dW = Σ_t dy_tᵀ x_t as
     one (out × N) @ (N × in) matmul instead of T thin ones, each added into a full-size gradient.
+
+    With ``static`` (N, k), the first k columns of W multiply inputs known before the loop (the
+    word embeddings, time-major: the rows of step t follow those of step t − 1). Their product is
+    computed outside with W detached, and the gradient of the whole W is one matmul, dyᵀ [static, x],
+    so the two halves of the LSTM's input weight never get zero-filled full-size gradients to add.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, first, pending):  # type: ignore[override]
+    def forward(ctx, x, weight, first, pending, static):  # type: ignore[override]
         ctx.save_for_backward(x, weight)
-        ctx.first, ctx.pending = first, pending
-        return x @ weight.t()
+        ctx.first, ctx.pending, ctx.static = first, pending, static
+        cols = weight.shape[1] - x.shape[1]
+        return x @ weight[:, cols:].t()
 
     @staticmethod
     def backward(ctx, d_out):  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        d_x = d_out @ weight if ctx.needs_input_grad[0] else None
+        cols = weight.shape[1] - x.shape[1]
+        d_x = d_out @ weight[:, cols:] if ctx.needs_input_grad[0] else None
         d_w = None
         if ctx.needs_input_grad[1]:
             ctx.pending.append((d_out, x))
             if ctx.first:
-                d_w = torch.cat([d for d, _ in ctx.pending]).t() @ torch.cat([x for _, x in ctx.pending])
+                steps = ctx.pending[::-1]  # backward ran last step first; put them back in time order
+                d_all = torch.cat([d for d, _ in steps])  # (N, out)
+                x_all = torch.cat([x for _, x in steps])  # (N, in − k)
+                if ctx.static is not None:
+                    x_all = torch.cat([ctx.static, x_all], dim=1)  # (N, in)
+                d_w = d_all.t() @ x_all
                 ctx.pending.clear()
-        return d_x, d_w, None, None
+        return d_x, d_w, None, None, None
 
 
-def _loop_linear(weight: Tensor) -> Callable[[Tensor], Tensor]:
-    """``fn(x) = x @ weight.t()`` for each step of one time loop (see ``_LoopLinear``)."""
+def _loop_linear(weight: Tensor, static: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+    """``fn(x) = x @ weight[:, k:].t()`` for each step of one time loop (see ``_LoopLinear``).
+
+    ``static`` (N, k): the inputs of the first k columns for all steps, time-major; the caller
+    computes ``static @ weight[:, :k].detach().t()`` itself, and the gradient of all of ``weight``
+    comes from here.
+    """
     pending: list[tuple[Tensor, Tensor]] = []
     calls = 0
 
     def linear(x: Tensor) -> Tensor:
         nonlocal calls
         first, calls = calls == 0, calls + 1
-        if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
-            return x @ weight.t()  # autograd handles mixed precision
-        return _LoopLinear.apply(x, weight, first, pending)
+        if not _fast_loop(x):
+            return x @ weight[:, weight.shape[1] - x.shape[1] :].t()  # autograd handles mixed precision
+        return _LoopLinear.apply(x, weight, first, pending, None if static is None else static.detach())
 
     return linear
+
+
+def _fast_loop(x: Tensor) -> bool:
+    """Whether the hand-written loop gradients apply: training, without autocast (autograd does that)."""
+    return torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
 
 
 @dataclass(frozen=True)
@@ -396,25 +418,28 @@ class ShowAttendTellDecoder(CaptionDecoder):
         w_ih = self.cell.weight_ih  # (4H, E + D): input [E y_{t−1}; ẑ_t]
         e = self.embed_dim
         # The word half of the LSTM input projection does not depend on h: one (N, E) @ (E, 4H) matmul.
-        gates_word = torch.addmm(self.cell.bias_ih, emb, w_ih[:, :e].t())  # (N, 4H)
-        context_linear = _loop_linear(w_ih[:, e:])  # ẑ_t ↦ W_z ẑ_t, (4H, D)
+        # Its weight gradient comes, with the context half's, from ``context_linear`` (see _LoopLinear).
+        fast = _fast_loop(emb)
+        w_word = w_ih[:, :e].detach() if fast else w_ih[:, :e]
+        gates_word = torch.addmm(self.cell.bias_ih, emb, w_word.t())  # (N, 4H)
+        context_linear = _loop_linear(w_ih, static=emb if fast else None)  # ẑ_t ↦ W_z ẑ_t, W_z = w_ih[:, E:]
         weight, bias = self._recurrent_weights()
         recurrent_linear = _loop_linear(weight)
         attend = self.attention.over_steps(mem.keys, mem.grid)  # rows :b of the keys and grid at each step
 
         hs, contexts, alphas = [], [], []
-        start = 0
+        # one split, whose backward is one concatenation, instead of a full-size zero-filled gradient per slice
+        word_steps = gates_word.split(running[:steps_run])
         for t in range(steps_run):
             b = running[t]
             h, c = h[:b], c[:b]  # rows whose caption has ended drop out (sorted, so they are the last)
             fused = recurrent_linear(h) + bias  # (b, A [+1] + 4H)
             context, alpha, gates_h = self._attend(fused, lambda query, b=b: attend(query, b))
-            gates = gates_word[start : start + b] + gates_h + context_linear(context)  # (b, 4H)
+            gates = word_steps[t] + gates_h + context_linear(context)  # (b, 4H)
             h, c = self._lstm(gates, c)
             hs.append(h)
             contexts.append(context)
             alphas.append(alpha)
-            start += b
 
         h_all = torch.cat(hs).index_select(0, to_mask_order)  # (N, H), mask order
         z_all = torch.cat(contexts).index_select(0, to_mask_order)  # (N, D)
