@@ -192,19 +192,22 @@ def features(batch: int, feature_dim: int, *, seed: int = 0, device: torch.devic
 # --- the compute floor -------------------------------------------------------------------------
 
 
-def sat_train_flops(lengths: torch.Tensor, feature_dim: int, *, grid_grad: bool = False, **sizes: int) -> float:
+def sat_train_flops(
+    lengths: torch.Tensor, feature_dim: int, *, grid_grad: bool = False, keys_every_step: bool = False, **sizes: int
+) -> float:
     """FLOPs of one Show, Attend and Tell training step, forward + backward, at the real positions.
 
     Per predicted word: attention query, energy and context, the LSTM's input and recurrent
     matmuls, the deep output layer and L_o (forward ×3 for the backward's two matmuls). Per image:
-    the keys W_a a_i once (backward: the weight's gradient, and the grid's if the encoder trains).
+    the keys W_a a_i once (backward: the weight's gradient, and the grid's if the encoder trains), or
+    at every word with ``keys_every_step`` (what the tutorial-style baseline computes).
     Elementwise work is not counted.
     """
     s = {**PAPER, **sizes}
     d, e, h, a, v, loc = feature_dim, s["embed_dim"], s["hidden_dim"], s["attention_dim"], s["vocab"], s["grid"]
     words = float((lengths - 1).sum())
     per_word = h * a + h + loc * a + loc * d + (e + d) * 4 * h + h * 4 * h + h * e + d * e + e * v  # MACs
-    keys = lengths.shape[0] * loc * d * a
+    keys = (words if keys_every_step else lengths.shape[0]) * loc * d * a  # per word: the tutorial-style baseline
     return 2 * (3 * words * per_word + (3 if grid_grad else 2) * keys)
 
 
@@ -215,3 +218,20 @@ def show_tell_train_flops(lengths: torch.Tensor, feature_dim: int, **sizes: int)
     batch, steps = lengths.shape[0], int(lengths.max())  # nn.LSTM runs the padded sequence
     words = float((lengths - 1).sum())
     return 2 * 3 * (batch * feature_dim * e + batch * steps * (e + h) * 4 * h + words * h * v)
+
+
+def sat_decode_macs(feature_dim: int, steps: int, beams: int, *, keys_every_step: bool, **sizes: int) -> float:
+    """Multiply-adds to decode one image with Show, Attend and Tell for ``steps`` words and K beams.
+
+    Per hypothesis and word: the attention query, f_β, energy and context, the LSTM's matmuls, the
+    deep output layer and L_o. The keys W_a a_i: once per image (capattn, whose first beam step
+    also runs one hypothesis, not K), or per hypothesis at every word (the tutorial-style baseline).
+    Assumes no beam ends early (untrained weights).
+    """
+    s = {**PAPER, **sizes}
+    d, e, h, a, v, loc = feature_dim, s["embed_dim"], s["hidden_dim"], s["attention_dim"], s["vocab"], s["grid"]
+    per_word = h * a + h + loc * a + loc * d + (e + d) * 4 * h + h * 4 * h + h * e + d * e + e * v
+    keys = loc * d * a
+    if keys_every_step:
+        return steps * beams * (keys + per_word)
+    return keys + (1 + (steps - 1) * beams) * per_word if beams > 1 else keys + steps * per_word
