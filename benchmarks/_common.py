@@ -169,9 +169,18 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32,
 
 
 def caption_batch(
-    batch: int, vocab: int, *, seed: int = 0, device: torch.device | str = "cpu", mean_words: float = 10.5
+    batch: int,
+    vocab: int,
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    mean_words: float = 10.5,
+    longest_first: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens (B, T) and lengths (B,) of COCO-like captions: about 10.5 words (sd 2.5, 6–22) + <bos>/<eos>."""
+    """Tokens (B, T) and lengths (B,) of COCO-like captions: about 10.5 words (sd 2.5, 6–22) + <bos>/<eos>.
+
+    ``longest_first``: rows sorted by length, as capattn's ``LengthBucketBatchSampler`` delivers them.
+    """
     g = torch.Generator().manual_seed(seed)
     words = (torch.randn(batch, generator=g) * 2.5 + mean_words).round().clamp(6, 22).long()
     lengths = words + 2
@@ -179,6 +188,9 @@ def caption_batch(
     tokens[:, 0] = 1
     for i, n in enumerate(lengths.tolist()):
         tokens[i, n - 1], tokens[i, n:] = 2, 0
+    if longest_first:
+        order = lengths.argsort(descending=True, stable=True)
+        tokens, lengths = tokens[order], lengths[order]
     return tokens.to(device), lengths.to(device)
 
 

@@ -38,7 +38,7 @@ from _common import (  # noqa: E402
     markdown_table,
     median,
 )
-from bench_train import capattn_loss, train_step  # noqa: E402
+from bench_train import capattn_adam, capattn_loss, train_step  # noqa: E402
 
 from capattn.data.datamodule import CaptionDataModule  # noqa: E402
 from capattn.models.decoders import ShowAttendTellDecoder, ShowTellDecoder  # noqa: E402
@@ -150,15 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     d, batch = (32, 4) if args.quick else (2048, 32)
     repeats = 1 if args.quick else args.repeats
     enc = features(batch, d, device=device)
-    tokens, lengths = caption_batch(batch, s["vocab"], device=device)
+    tokens, lengths = caption_batch(batch, s["vocab"], device=device, longest_first=True)
     common = dict(vocab_size=s["vocab"], feature_dim=d, embed_dim=s["embed_dim"], hidden_dim=s["hidden_dim"])
     sat = ShowAttendTellDecoder(attention_dim=s["attention_dim"], **common).to(device)
     st = ShowTellDecoder(**common).to(device)
     fns = {
-        "Show, Attend and Tell": train_step(
-            sat, torch.optim.Adam(sat.parameters()), capattn_loss(sat, enc, tokens, lengths)
-        ),
-        "Show and Tell": train_step(st, torch.optim.Adam(st.parameters()), capattn_loss(st, enc, tokens, lengths)),
+        "Show, Attend and Tell": train_step(sat, capattn_adam(sat), capattn_loss(sat, enc, tokens, lengths)),
+        "Show and Tell": train_step(st, capattn_adam(st), capattn_loss(st, enc, tokens, lengths)),
     }
     t = {name: median(xs) for name, xs in interleaved(fns, repeats, device).items()}
     rows2 = [[name, f"{1000 * t[name]:.0f}", f"{COCO_TRAIN_CAPTIONS / batch * t[name] / 60:.0f} min"] for name in fns]

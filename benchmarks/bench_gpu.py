@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(vocab_size=s["vocab"], feature_dim=d, embed_dim=s["embed_dim"], hidden_dim=s["hidden_dim"])
     sat = ShowAttendTellDecoder(attention_dim=s["attention_dim"], **common).to(device)
     enc = features(batch, d, device=device)
-    tokens, lengths = caption_batch(batch, s["vocab"], device=device)
+    tokens, lengths = caption_batch(batch, s["vocab"], device=device, longest_first=True)
     optimizer = torch.optim.Adam(sat.parameters(), fused=device.type == "cuda")
     flops = sat_train_flops(lengths.cpu(), d, **sizes)
 

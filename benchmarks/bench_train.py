@@ -86,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     batch, repeats = (4, 1) if args.quick else (args.batch, args.repeats)
     s = {**PAPER, **sizes}
     common = dict(vocab_size=s["vocab"], embed_dim=s["embed_dim"], hidden_dim=s["hidden_dim"], dropout=0.5)
-    tokens, lengths = caption_batch(batch, s["vocab"], device=device)
-    order = lengths.argsort(descending=True, stable=True)  # longest first, as LengthBucketBatchSampler delivers
-    tokens, lengths = tokens[order], lengths[order]
+    tokens, lengths = caption_batch(batch, s["vocab"], device=device, longest_first=True)
     peak = matmul_peak_gflops(device, n=512 if args.quick else 2048)
     note = load_note()
 

@@ -393,3 +393,15 @@ def test_decoding_flushes_denormals_only_while_it_runs(before, search):
         assert _denormals_flushed_now() is before
     finally:
         torch.set_flush_denormal(False)
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_decoding_runs_under_bf16_autocast(search):
+    """The bf16 switch (trainer.precision=bf16-mixed) decodes too: the in-place fast path steps aside."""
+    dec = make("show_attend_tell").float()  # autocast leaves float64 alone
+    enc = EncoderOutput(grid=encoded(3).grid.float(), pooled=encoded(3).pooled.float())
+    run = greedy if search == "greedy" else functools.partial(beam_search, beam_size=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run(dec, enc, max_len=5, **SPECIAL)
+    assert out.tokens.shape[:2] == (3, 1 if search == "greedy" else 3) and out.tokens.shape[2] <= 5
+    assert torch.isfinite(out.scores).all() and out.alphas is not None

@@ -413,7 +413,7 @@ class ShowAttendTellDecoder(CaptionDecoder):
         )
         emb = self.embed(tokens)  # (B*K, E)
         w_ih = self.cell.weight_ih  # (4H, E + D): input [E y_{t−1}; ẑ_t]
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.is_autocast_enabled(h.device.type):  # (in-place ops skip autocast)
             gates = torch.addmm(gates_h, emb, w_ih[:, : self.embed_dim].t())  # (B*K, 4H), biases included
             gates = torch.addmm(gates, context, w_ih[:, self.embed_dim :].t())
             h, c = self._lstm(gates, c)
