@@ -405,3 +405,37 @@ def test_decoding_runs_under_bf16_autocast(search):
         out = run(dec, enc, max_len=5, **SPECIAL)
     assert out.tokens.shape[:2] == (3, 1 if search == "greedy" else 3) and out.tokens.shape[2] <= 5
     assert torch.isfinite(out.scores).all() and out.alphas is not None
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["adam", "fused_adam"])
+def test_a_search_after_an_optimizer_step_uses_the_new_weights(fused):
+    """Decoding caches stacked weights between words; a training step between two searches must not leave them stale.
+
+    torch's fused Adam updates parameters without bumping their version counter, so the cache
+    cannot rely on it (validation decodes after every epoch of training).
+    """
+    dec = make("show_attend_tell").float()
+    enc = EncoderOutput(grid=encoded(4).grid.float(), pooled=encoded(4).pooled.float())
+    greedy(dec, enc, max_len=6, **SPECIAL)  # fills the cache
+    optimizer = torch.optim.Adam(dec.parameters(), lr=0.5, fused=fused)
+    dec.train()
+    out = dec(enc, *captions_for(4))
+    torch.nn.functional.cross_entropy(out.logits, out.targets).backward()
+    optimizer.step()
+    dec.eval()
+    fresh = make("show_attend_tell").float()
+    fresh.load_state_dict(dec.state_dict())
+    for run in (greedy, functools.partial(beam_search, beam_size=3)):
+        got, expected = run(dec, enc, max_len=6, **SPECIAL), run(fresh, enc, max_len=6, **SPECIAL)
+        assert torch.equal(got.tokens, expected.tokens)
+        torch.testing.assert_close(got.scores, expected.scores)
+
+
+def captions_for(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.randint(3, 7, (batch,), generator=g)
+    tokens = torch.randint(4, V, (batch, int(lengths.max())), generator=g)
+    tokens[:, 0] = BOS
+    for i, n in enumerate(lengths.tolist()):
+        tokens[i, n - 1], tokens[i, n:] = EOS, PAD
+    return tokens, lengths

@@ -325,6 +325,7 @@ class ShowAttendTellDecoder(CaptionDecoder):
             self.L_o = nn.Linear(hidden_dim, vocab_size)
 
     def prepare(self, enc: EncoderOutput) -> AttentionMemory:
+        self._stacked = None  # a new search: weights may have changed since the last (see _recurrent_weights)
         return AttentionMemory(grid=enc.grid, keys=self.attention.project_keys(enc.grid))
 
     def init_state(self, mem: AttentionMemory) -> tuple[Tensor, Tensor]:
@@ -340,8 +341,10 @@ class ShowAttendTellDecoder(CaptionDecoder):
         """W_h of the attention query, f_β and the LSTM's W_hh stacked: one matmul on h_{t−1} per step.
 
         With ``input_bias`` the gates' part of the bias also holds the LSTM's b_ih. Without autograd
-        (decoding) the stacked copy is kept until a parameter changes (``_version`` counts in-place
-        updates: optimizer steps, ``load_state_dict``), instead of concatenating 5 MB at every word.
+        (decoding) the stacked copy is kept from one word to the next instead of concatenating 5 MB
+        at every word; ``prepare``, which every search calls first, drops it, so a search never sees
+        the weights of an earlier one. (Parameters' ``_version`` cannot tell: torch's fused Adam
+        updates them in place without counting.)
         """
         att = self.attention.query_proj
         parts = [att, self.f_beta] if self.f_beta is not None else [att]
