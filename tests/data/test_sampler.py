@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler
 
-from capattn.data.sampler import LengthBucketBatchSampler
+from capattn.data.sampler import LengthBucketBatchSampler, LongestFirstBatchSampler
 
 N = 1000
 LENGTHS = np.random.default_rng(0).integers(5, 40, size=N)
@@ -63,3 +63,24 @@ def test_each_batch_comes_longest_first():
     """The decoder's shrinking time loop wants rows longest first; in that order it copies nothing."""
     for batch in rank_batches(0, epoch=3):
         assert all(np.diff(LENGTHS[batch]) <= 0), LENGTHS[batch]
+
+
+def test_random_batches_come_longest_first_and_hold_every_sample_once():
+    """The default (no bucketing): a plain BatchSampler's batches, each reordered longest first."""
+    plain = list(BatchSampler(list(range(N)), 16, False))
+    batches = list(LongestFirstBatchSampler(list(range(N)), 16, False, lengths=LENGTHS))
+    assert [sorted(b) for b in batches] == [sorted(b) for b in plain]  # same batches, only reordered
+    assert all(all(np.diff(LENGTHS[b]) <= 0) for b in batches)
+
+
+def test_longest_first_batches_split_across_ddp_ranks():
+    """Lightning swaps in a DistributedSampler: two ranks see every sample once, longest first."""
+    ranks = [
+        list(
+            LongestFirstBatchSampler(
+                DistributedSampler(Sized(), num_replicas=2, rank=rank, shuffle=True, seed=7), 16, False, lengths=LENGTHS
+            )
+        )
+        for rank in (0, 1)
+    ]
+    assert sorted(i for batches in ranks for b in batches for i in b) == list(range(N))

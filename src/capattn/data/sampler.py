@@ -73,3 +73,29 @@ class LengthBucketBatchSampler(BatchSampler):
     def __len__(self) -> int:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+
+class LongestFirstBatchSampler(BatchSampler):
+    """A plain ``BatchSampler``'s random batches, each ordered longest caption first.
+
+    The order inside a batch changes nothing in the loss (a mean over its tokens); it lets Show,
+    Attend and Tell's shrinking time loop use the batch as it comes instead of copying its features
+    into length order. Under DDP Lightning swaps ``sampler`` for a ``DistributedSampler``, as for
+    ``LengthBucketBatchSampler``.
+
+    Args:
+        sampler: yields dataset indices.
+        batch_size: indices per batch.
+        drop_last: drop the short batch, if any.
+        lengths: (N,) the length of every dataset item.
+    """
+
+    def __init__(
+        self, sampler: Sampler[int] | Sequence[int], batch_size: int, drop_last: bool = False, *, lengths: np.ndarray
+    ) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.lengths = np.asarray(lengths)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in super().__iter__():
+            yield [batch[i] for i in np.argsort(-self.lengths[batch], kind="stable")]
