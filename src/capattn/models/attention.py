@@ -128,8 +128,8 @@ class _SharedAttention(torch.autograd.Function):
         """The buffer s is built in, and how many rows fit in it.
 
         A GPU streams the whole (b, L, A) tensor at once; a CPU keeps a few rows in cache. The buffer
-        is allocated once per time loop and reused by every step, forward and backward: a fresh
-        multi-megabyte tensor per call costs page faults that took longer than the tanh.
+        is allocated once per time loop and reused by every step, forward and backward, instead of
+        a new multi-megabyte tensor at every call.
         """
         per_row = keys.shape[1] * keys.shape[2]
         if keys.device.type != "cpu":
