@@ -58,6 +58,11 @@ def load_note() -> str:
         return "load average unknown"
 
 
+def results_title(script: str, quick: bool, device: torch.device) -> str:
+    """The heading of a benchmark's RESULTS.md section: script, mode, machine, torch version."""
+    return f"{script}{' --quick' if quick else ''}, {device_description(device)}, torch {torch.__version__}"
+
+
 def append_results(path: Path, title: str, body: str) -> None:
     """Appends ``## <date> — <title>`` and ``body`` to the results file (never rewrites it)."""
     path.parent.mkdir(parents=True, exist_ok=True)

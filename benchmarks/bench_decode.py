@@ -26,12 +26,12 @@ from _common import (  # noqa: E402
     PAPER,
     RESULTS,
     append_results,
-    device_description,
     features,
     interleaved,
     load_note,
     markdown_table,
     median,
+    results_title,
     sat_decode_macs,
 )
 from tutorial import tutorial_beam_search  # noqa: E402
@@ -150,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         ["beam", "images", "SAT ms/step", "SAT img/s", "Show and Tell img/s", "Show and Tell time / SAT"], grow
     )
     print(table2)
-    title = (
-        f"bench_decode.py{' --quick' if args.quick else ''}, {device_description(device)}, torch {torch.__version__}"
-    )
+    title = results_title("bench_decode.py", args.quick, device)
     body = (
         f"Untrained weights (every search runs its full length), 196×{d} grid, V={s['vocab']}, {s['embed_dim']} dims, "
         f"fp32; capattn decodes {images} images at once, the tutorial-style baseline one image at a time with autograd "

@@ -31,12 +31,12 @@ from _common import (  # noqa: E402
     RESULTS,
     append_results,
     caption_batch,
-    device_description,
     features,
     interleaved,
     load_note,
     markdown_table,
     median,
+    results_title,
 )
 from bench_train import capattn_adam, capattn_loss, train_step  # noqa: E402
 
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     rows2 = [[name, f"{1000 * t[name]:.0f}", f"{COCO_TRAIN_CAPTIONS / batch * t[name] / 60:.0f} min"] for name in fns]
     table2 = markdown_table(["decoder", f"ms/step (B={batch}, 196×{d})", "projected COCO epoch"], rows2)
     print(table2)
-    title = f"bench_e2e.py{' --quick' if args.quick else ''}, {device_description(device)}, torch {torch.__version__}"
+    title = results_title("bench_e2e.py", args.quick, device)
     body = (
         f"{note}. Shapes: one epoch of each demo config (batch, model and data as in experiments/), "
         f"validation = beam search + metrics over the validation split.\n\n{table1}\n\n"

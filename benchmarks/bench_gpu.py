@@ -29,13 +29,13 @@ from _common import (  # noqa: E402
     RESULTS,
     append_results,
     caption_batch,
-    device_description,
     features,
     interleaved,
     load_note,
     markdown_table,
     matmul_peak_gflops,
     median,
+    results_title,
     sat_train_flops,
 )
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows2.append([name, precision, "yes" if compiled else "no", f"{images / seconds:,.0f}"])
     table2 = markdown_table(["search", "precision", "compile_step", f"img/s ({images} images, {max_len} steps)"], rows2)
     print(table2)
-    title = f"bench_gpu.py{' --quick' if args.quick else ''}, {device_description(device)}, torch {torch.__version__}"
+    title = results_title("bench_gpu.py", args.quick, device)
     body = (
         f"Show, Attend and Tell, 196×{d} grid, V={s['vocab']}, {s['embed_dim']} dims, cached features, "
         f"COCO-like lengths; {note}; matmul peak measured here: fp32/TF32 {peaks['fp32'] / 1e3:.1f}, "

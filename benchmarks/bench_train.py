@@ -27,7 +27,6 @@ from _common import (  # noqa: E402
     RESULTS,
     append_results,
     caption_batch,
-    device_description,
     features,
     interleaved,
     load_note,
@@ -35,6 +34,7 @@ from _common import (  # noqa: E402
     matmul_peak_gflops,
     median,
     peak_memory_mb,
+    results_title,
     sat_train_flops,
     show_tell_train_flops,
 )
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(header, rows)
     print(table)
     words = float((lengths - 1).sum())
-    title = f"bench_train.py{' --quick' if args.quick else ''}, {device_description(device)}, torch {torch.__version__}"
+    title = results_title("bench_train.py", args.quick, device)
     body = (
         f"B={batch}, V={s['vocab']}, {s['embed_dim']} dims, {int(words)} predicted words (COCO-like lengths), "
         f"fp32, cached features, batch rows longest first; Adam (capattn: torch's fused CPU kernel, as "
