@@ -29,6 +29,21 @@ TINY_SHAPES = [
     "--model.tokenizer=simple",
 ]
 
+# A smaller Show and Tell on 16/4/4 shapes images, for tests that run it many times.
+TINY_SHOW_TELL = [
+    "--data.reader.init_args.num_train=16",
+    "--data.reader.init_args.num_val=4",
+    "--data.reader.init_args.num_test=4",
+    "--data.batch_size=8",
+    "--model.encoder.init_args.small_cnn_channels=[8,8,16]",
+    "--model.decoder.init_args.feature_dim=16",
+    "--model.decoder.init_args.embed_dim=16",
+    "--model.decoder.init_args.hidden_dim=32",
+    "--model.val_scorers=[bleu,cider]",
+    "--model.test_scorers=[bleu,cider]",
+    "--model.tokenizer=simple",
+]
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

@@ -10,24 +10,14 @@ import pytest
 from capattn.cli import main
 from capattn.lightning_cli import normalize_argv
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, TINY_SHOW_TELL
 
 SHOW_TELL = str(REPO_ROOT / "experiments" / "demo_show_tell.yaml")
 TINY = [
     "--config",
     SHOW_TELL,
     "--seed_everything=7",
-    "--data.reader.init_args.num_train=16",
-    "--data.reader.init_args.num_val=4",
-    "--data.reader.init_args.num_test=4",
-    "--data.batch_size=8",
-    "--model.encoder.init_args.small_cnn_channels=[8,8,16]",
-    "--model.decoder.init_args.feature_dim=16",
-    "--model.decoder.init_args.embed_dim=16",
-    "--model.decoder.init_args.hidden_dim=32",
-    "--model.val_scorers=[bleu,cider]",
-    "--model.test_scorers=[bleu,cider]",
-    "--model.tokenizer=simple",
+    *TINY_SHOW_TELL,
     "--trainer.limit_train_batches=2",
     "--trainer.limit_val_batches=1",
     "--trainer.enable_progress_bar=false",
