@@ -107,8 +107,12 @@ def median(xs: list[float]) -> float:
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
-    """Peak memory one call adds: CUDA's allocator peak, or on CPU the process RSS sampled every ms
-    (large allocations are returned to the OS on free, see ``_return_freed_memory_to_the_os``)."""
+    """Peak memory one call adds: CUDA's allocator peak, or on CPU the process RSS sampled every ms.
+
+    On CPU this first makes glibc give every allocation ≥ 1 MB back to the OS on free (see
+    ``return_freed_memory_to_the_os``), for the rest of the process: call it only in a process that
+    times nothing (``bench_train.py`` measures memory in a child run of itself).
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -116,6 +120,7 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
         fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    return_freed_memory_to_the_os()
     page = os.sysconf("SC_PAGE_SIZE")
 
     def rss() -> int:
@@ -139,17 +144,19 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
     return max(0, max(peak[0], rss()) - before) / 2**20
 
 
-def _return_freed_memory_to_the_os() -> None:
+def return_freed_memory_to_the_os() -> None:
     """Makes every allocation ≥ 1 MB its own mmap, given back on free (glibc's mallopt), so the
     process RSS follows the live tensors and ``peak_memory_mb`` can tell one step's peak from
-    memory an earlier step freed but kept (glibc otherwise raises that threshold as it goes)."""
+    memory an earlier step freed but kept (glibc otherwise raises that threshold as it goes).
+
+    Never before a timing: with it, every large tensor is a fresh mmap whose pages fault in again
+    at each step (measured: capattn's SAT training step 409 ms against 355 ms under glibc's
+    default, which is what a training run gets), so it would time the page faults, not the model.
+    """
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
-
-
-_return_freed_memory_to_the_os()
 
 
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048) -> float:

@@ -8,12 +8,16 @@ parameters computed the way tutorials do) run interleaved in one process, so the
 on a busy machine; Show and Tell is reported beside them (absolute, and relative to SAT). A step
 is forward, loss, backward and an Adam update, on cached features (the encoder frozen), with
 COCO-like caption lengths. GFLOP/s counts the model's matmul work (``_common.sat_train_flops``)
-against the machine's measured matmul peak. Prints a table and appends it to RESULTS.md.
+against the machine's measured matmul peak. On a CPU, peak memory is measured by a child run of
+this script (``--peak-memory``): measuring it changes how glibc allocates, which would slow the
+timed steps. Prints a table and appends it to RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,6 +39,7 @@ from _common import (  # noqa: E402
     median,
     peak_memory_mb,
     results_title,
+    return_freed_memory_to_the_os,
     sat_train_flops,
     show_tell_train_flops,
 )
@@ -69,7 +74,40 @@ def capattn_adam(model):
     return with_fused_cpu_kernel(torch.optim.Adam(model.parameters()), precision="32-true")
 
 
+def step_fns(d: int, batch: int, s: dict, sizes: dict, device: torch.device, tokens, lengths) -> dict:
+    """The three timed steps at grid 196×d, after checking that capattn and the baseline agree on the loss."""
+    common = dict(vocab_size=s["vocab"], embed_dim=s["embed_dim"], hidden_dim=s["hidden_dim"], dropout=0.5)
+    torch.manual_seed(0)
+    enc = features(batch, d, device=device)
+    sat = ShowAttendTellDecoder(feature_dim=d, attention_dim=s["attention_dim"], **common).to(device)
+    st = ShowTellDecoder(feature_dim=d, **common).to(device)
+    # Same parameters, same loss: check it (dropout off) before timing anything.
+    sat.eval()
+    with torch.no_grad():
+        ours = capattn_loss(sat, enc, tokens, lengths)()
+        theirs = tutorial_loss(sat, enc.grid, tokens, lengths)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    sat.train(), st.train()
+    return {
+        "tutorial": train_step(
+            sat, torch.optim.Adam(sat.parameters()), lambda: tutorial_loss(sat, enc.grid, tokens, lengths)
+        ),
+        "capattn": train_step(sat, capattn_adam(sat), capattn_loss(sat, enc, tokens, lengths)),
+        "show_tell": train_step(st, capattn_adam(st), capattn_loss(st, enc, tokens, lengths)),
+    }
+
+
+def peak_memory(argv: list[str], device: torch.device, dims, build) -> dict[int, dict[str, float]]:
+    """MB each step adds at its peak. On a CPU, from a child process (``--peak-memory``) that times nothing."""
+    if device.type == "cuda":
+        return {d: {name: peak_memory_mb(fn, device) for name, fn in build(d).items()} for d in dims}
+    child = [sys.executable, __file__, *argv, "--peak-memory"]
+    out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
+    return {int(d): m for d, m in json.loads(out.strip().splitlines()[-1]).items()}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=32)
@@ -77,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat, for the test suite")
     parser.add_argument("--results", type=Path, default=RESULTS, help="Markdown file the results are appended to")
+    parser.add_argument("--peak-memory", action="store_true", help=argparse.SUPPRESS)  # the child run, see above
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,48 +124,35 @@ def main(argv: list[str] | None = None) -> int:
     dims = (32, 8) if args.quick else (2048, 512)
     batch, repeats = (4, 1) if args.quick else (args.batch, args.repeats)
     s = {**PAPER, **sizes}
-    common = dict(vocab_size=s["vocab"], embed_dim=s["embed_dim"], hidden_dim=s["hidden_dim"], dropout=0.5)
     tokens, lengths = caption_batch(batch, s["vocab"], device=device, longest_first=True)
+
+    def build(d: int) -> dict:
+        return step_fns(d, batch, s, sizes, device, tokens, lengths)
+
+    if args.peak_memory:
+        return_freed_memory_to_the_os()  # before the warm-up, or its freed blocks would hide the peak
+        for fn in (f for d in dims for f in build(d).values()):
+            fn()  # warm-up: lazy initialisation and the optimizer state are not a step's peak
+        print(json.dumps({d: {name: peak_memory_mb(fn, device) for name, fn in build(d).items()} for d in dims}))
+        return 0
     peak = matmul_peak_gflops(device, n=512 if args.quick else 2048)
     note = load_note()
-
-    rows, raw = [], {}
+    t_all = {d: {name: median(xs) for name, xs in interleaved(build(d), repeats, device).items()} for d in dims}
+    mems = peak_memory(argv, device, dims, build)
+    rows = []
     for d in dims:
-        torch.manual_seed(0)
-        enc = features(batch, d, device=device)
-        sat = ShowAttendTellDecoder(feature_dim=d, attention_dim=s["attention_dim"], **common).to(device)
-        st = ShowTellDecoder(feature_dim=d, **common).to(device)
-        # Same parameters, same loss: check it (dropout off) before timing anything.
-        sat.eval()
-        with torch.no_grad():
-            ours = capattn_loss(sat, enc, tokens, lengths)()
-            theirs = tutorial_loss(sat, enc.grid, tokens, lengths)
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
-        sat.train(), st.train()
-        fns = {
-            "tutorial": train_step(
-                sat,
-                torch.optim.Adam(sat.parameters()),
-                lambda sat=sat, grid=enc.grid: tutorial_loss(sat, grid, tokens, lengths),
-            ),
-            "capattn": train_step(sat, capattn_adam(sat), capattn_loss(sat, enc, tokens, lengths)),
-            "show_tell": train_step(st, capattn_adam(st), capattn_loss(st, enc, tokens, lengths)),
-        }
-        mem = {name: peak_memory_mb(fn, device) for name, fn in fns.items()}
-        times = interleaved(fns, repeats, device)
-        t = {name: median(xs) for name, xs in times.items()}
+        t, mem = t_all[d], mems[d]
         flops = {
             "tutorial": sat_train_flops(lengths, d, keys_every_step=True, **sizes),
             "capattn": sat_train_flops(lengths, d, **sizes),
             "show_tell": show_tell_train_flops(lengths, d, **sizes),
         }
-        raw[d] = t
         labels = {
             "tutorial": "SAT, tutorial-style",
             "capattn": "SAT, capattn",
             "show_tell": "Show and Tell, capattn",
         }
-        for name in fns:
+        for name in t:
             gflops = flops[name] / t[name] / 1e9
             ratio = (
                 f"{t[name] / t['tutorial']:.2f}× tutorial (FLOPs: {flops[name] / flops['tutorial']:.2f}×)"
