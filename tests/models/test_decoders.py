@@ -274,3 +274,26 @@ def test_compiled_step_gives_the_same_step():
             outs.append(dec.step(torch.full((B,), 5), state, mem))
     torch.testing.assert_close(outs[0].logprobs, outs[1].logprobs, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs[0].alpha, outs[1].alpha, atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_step_computes_the_output_layer_of_the_autograd_step(decoder):
+    """Without autograd the output layer's bias rides in its matmul (``_FoldedLinear``): same logprobs
+    as the autograd step, and after the weights change the next search uses the new ones."""
+    decoder.eval()
+    enc = encoder_output()
+    tokens = torch.tensor([4, 5, 6])
+    layer = decoder.fc if isinstance(decoder, ShowTellDecoder) else decoder.L_o
+
+    def step(grad: bool) -> torch.Tensor:
+        with torch.set_grad_enabled(grad):
+            mem = decoder.prepare(enc)
+            return decoder.step(tokens, decoder.init_state(mem), mem).logprobs.detach()
+
+    torch.testing.assert_close(step(False), step(True))
+    before = step(False)
+    with torch.no_grad():
+        layer.bias[5] += 3.0  # as an optimizer step between two validation searches would
+    after = step(False)
+    torch.testing.assert_close(after, step(True))
+    shift = (after[:, 5] - after[:, 4]) - (before[:, 5] - before[:, 4])  # word 5's logit, against word 4's
+    torch.testing.assert_close(shift, torch.full_like(shift, 3.0))
