@@ -339,8 +339,10 @@ class ShowAttendTellDecoder(CaptionDecoder):
         alpha_c: λ of the doubly stochastic regularisation (0 disables it).
         gate: use the scalar β gate.
         deep_output: use the deep output layer (else a linear layer on h_t).
-        compile_step: run ``step`` (greedy, beam search, sampling) through ``torch.compile``; pays
-            off on a GPU, where one step is many small kernels. The first call compiles.
+        compile_step: run ``step`` (greedy, beam search, sampling) through ``torch.compile``; meant
+            for a GPU, where one step is many small kernels. The first call compiles. Leave it off
+            on a CPU: there, greedy over 100 images at paper sizes took 1.19 s compiled against
+            0.57 s eager (after a 57 s compile), and beam search was still compiling after 15 min.
     """
 
     def __init__(
