@@ -8,13 +8,17 @@ search with autograd on (benchmarks/tutorial.py; same parameters) alternate in o
 tutorial runs on a subset of the images (its cost per image does not depend on the others), so
 images/s of both are comparable. Untrained weights rarely say <eos>, so every search runs its
 full length: 51 steps, and 16 (a realistic length: most beams of a trained model end by 15).
-Then: how capattn's time grows with beam size and with the number of images, and Show and Tell
-the same way. Prints tables and appends them to RESULTS.md.
+Then: greedy captions that end (the <eos> bias of a copy of the decoder raised until they have
+COCO's median length), to show that finished images stop costing work: how many images each step
+still runs, and the speed-up with both sides stopping early. Last, how capattn's time
+grows with beam size and with the number of images, and Show and Tell the same way. Prints
+tables and appends them to RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -54,6 +58,44 @@ def capattn_search(decoder, enc, beam: int, max_len: int):
 
 def tutorial_search(decoder, grid, beam: int, max_len: int):
     return lambda: tutorial_beam_search(decoder, grid, beam_size=beam, max_len=max_len, **SPECIAL)
+
+
+def ending_decoder(sat: ShowAttendTellDecoder, enc, *, words: float = 10.0, max_len: int = 51):
+    """A copy of ``sat`` whose captions end: its <eos> output bias raised (bisection) until greedy's
+    median caption over these images has about ``words`` words. Returns it and that median."""
+    dec = copy.deepcopy(sat)
+    eos, pad = SPECIAL["eos"], SPECIAL["pad"]
+    base = float(sat.L_o.bias[eos].detach())
+    lo, hi, median_words = 0.0, 64.0, float(max_len)
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        with torch.no_grad():
+            dec.L_o.bias[eos] = base + mid
+            tokens = greedy(dec, enc, max_len=max_len, **SPECIAL).tokens[:, 0]  # (B, T)
+        median_words = float(((tokens != pad) & (tokens != eos)).sum(dim=1).float().median())
+        if median_words > words:
+            lo = mid  # still too long: a larger bias
+        else:
+            hi = mid
+    return dec, median_words
+
+
+class CountingRows:
+    """Wraps a decoder's ``step`` to record how many hypotheses each step runs."""
+
+    def __init__(self, decoder) -> None:
+        self.decoder, self.rows = decoder, []
+
+    def __enter__(self):
+        def step(tokens, state, mem, _inner=self.decoder.step):
+            self.rows.append(int(tokens.shape[0]))
+            return _inner(tokens, state, mem)
+
+        self.decoder.step = step
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.decoder.step  # the class's method again
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +170,52 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(table1)
 
-    # 2. growth with beam size and batch size (capattn), and Show and Tell beside it.
+    # 2. captions that end, greedy: an image whose caption has ended leaves the batch (capattn) or
+    # is done (the tutorial). Beam search is left out here: the two sides stop differently (capattn
+    # while an unended hypothesis can still enter an image's top K, the tutorial once K hypotheses
+    # have ended), and an untrained decoder, unsure of every word, keeps capattn's beams alive to
+    # the last step where a trained one ends them (tests/test_decoding.py shows beam compaction on
+    # a decoder trained to end its captions).
+    ending, median_words = ending_decoder(sat, enc, max_len=lengths[0])
+    ended = []
+    for beam in (1,):
+        fns = {
+            "tutorial": tutorial_search(ending, enc.grid[:tut_images], beam, lengths[0]),
+            "capattn": capattn_search(ending, enc, beam, lengths[0]),
+        }
+        t = {name: median(xs) for name, xs in interleaved(fns, repeats, device).items()}
+        with CountingRows(ending) as counter:
+            fns["capattn"]()
+        rows_run = counter.rows
+        marks = [i for i in (0, 4, 9, 14, 19, 29) if i < len(rows_run)] + [len(rows_run) - 1]
+        trace = ", ".join(f"{i + 1}: {rows_run[i]}" for i in dict.fromkeys(marks))
+        tut_ips, ips = tut_images / t["tutorial"], images / t["capattn"]
+        ended.append(
+            [
+                "greedy" if beam == 1 else f"beam {beam}",
+                f"{tut_ips:.2f}",
+                f"{ips:.1f}",
+                f"{ips / tut_ips:.1f}×",
+                str(len(rows_run)),
+                f"{sum(rows_run) / (images + (len(rows_run) - 1) * images * beam):.0%}",
+                trace,
+            ]
+        )
+    table_end = markdown_table(
+        [
+            "search",
+            "tutorial img/s",
+            "capattn img/s",
+            "speed-up",
+            "capattn steps",
+            "rows run / full batch",
+            "capattn hypotheses at step (step: rows)",
+        ],
+        ended,
+    )
+    print(table_end)
+
+    # 3. growth with beam size and batch size (capattn), and Show and Tell beside it.
     max_len = lengths[1]  # the realistic length keeps this part short
     grow = []
     for beam in (1, 3, 5, 10) if not args.quick else (1, 3):
@@ -158,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         f"baseline's multiply-adds over capattn's for the same captions (``_common.sat_decode_macs``; the baseline "
         f"projects the keys again for every hypothesis at every word): a speed-up above it means capattn also "
         f"does its work faster per FLOP.\n\n{table1}\n\n"
+        f"Greedy captions that end: the same decoder with its <eos> output bias raised until greedy's median "
+        f"caption has {median_words:.0f} words (COCO's is about 10), at most {lengths[0]} steps; both sides stop "
+        f"early (capattn: images whose caption has ended leave the batch). 'rows run / full batch': the rows "
+        f"capattn's steps ran, over what they would have run without compaction. (Beam search is not compared "
+        f"this way: see the comment in bench_decode.py.)\n\n{table_end}\n\n"
         f"Growth with beam size and images at {max_len} steps (capattn):\n\n{table2}\n"
     )
     append_results(args.results, title, body)
