@@ -5,8 +5,8 @@
 
 1. Generates a Karpathy ``dataset_coco.json`` of COCO's size (random captions with a Zipf-like
    vocabulary; no image files: the text side needs none) and prepares it (``capattn prepare``'s code).
-2. Opens it with ``CaptionDataModule`` and walks one training epoch of token batches (length
-   buckets) and every evaluation image's references. Peak RSS must stay ≤ 1.5 GB.
+2. Opens it with ``CaptionDataModule`` and walks one training epoch of token batches (its default
+   sampler: random batches, each longest first) and every evaluation image's references. Peak RSS must stay ≤ 1.5 GB.
 3. Generates JPEGs of Flickr/COCO size and times the image pipeline (decode, resize 224, crop)
    per DataLoader worker, then the feature-cache pipeline (fp16 196×2048 grids) in samples/s.
 
@@ -166,7 +166,7 @@ def phase_datamodule(work: Path) -> dict:
     loader = dm.train_dataloader()
     train = dm.dataset("train")
     start, captions = time.perf_counter(), 0
-    for batch in loader.batch_sampler:  # one epoch of length-bucketed batches, as __getitems__ reads them
+    for batch in loader.batch_sampler:  # one epoch of the default batches, as __getitems__ reads them
         rows = np.asarray(batch)
         tokens = train.split.tokens(rows)
         train.split.image_rows(train.split.caption_image[rows])  # ids, paths and references of the batch
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             f"peak RSS {result['dm_peak_gb']:.2f} GB ({result['dm_baseline_gb']:.2f} GB is torch & co. imported) "
             f"— {'OK' if ok else 'OVER'} ≤ {LIMIT_GB} GB",
         ),
-        ("token epoch (length buckets, batch 64, + references)", f"{result['token_epoch_s']:.1f} s"),
+        ("token epoch (random batches longest first, batch 64, + references)", f"{result['token_epoch_s']:.1f} s"),
         (
             "image pipeline (Pillow decode, resize 224, crop)",
             f"{result['image_per_s_per_worker']:.0f} images/s per worker",
