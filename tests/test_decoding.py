@@ -160,6 +160,25 @@ def test_length_penalty():
     assert float(length_penalty(torch.tensor(7.0), 1.0)) == pytest.approx(2.0)
 
 
+@pytest.mark.parametrize("max_len", [1, 3])
+@pytest.mark.parametrize("kind", ["show_tell", "show_attend_tell"])
+def test_beams_beyond_the_allowed_words_are_empty(kind, max_len):
+    """V = 5 allows 3 words (<bos> and <pad> never are): a 4th beam holds no caption, only <pad>, at −inf.
+    (Found by test_properties: it used to emit <bos> there.)"""
+    torch.manual_seed(2)  # (a seed where the old search picked <bos>, not <pad>, among the two −inf words)
+    small = dict(vocab_size=5, feature_dim=D, embed_dim=5, hidden_dim=7)
+    dec = ShowTellDecoder(**small) if kind == "show_tell" else ShowAttendTellDecoder(attention_dim=5, **small)
+    out = beam_search(dec.double().eval(), encoded(2), beam_size=4, max_len=max_len, **SPECIAL)
+    finite = torch.isfinite(out.scores)
+    assert finite[:, :3].all()  # 3 allowed words: at least 3 real hypotheses, best first
+    tokens = out.tokens.reshape(-1, out.tokens.shape[-1])
+    assert all(BOS not in row for row in tokens.tolist())
+    for row, ok in zip(tokens.tolist(), finite.flatten().tolist(), strict=True):
+        if not ok:
+            assert set(row) == {PAD}  # an empty beam
+    assert ended_cleanly(out.tokens[finite])
+
+
 def test_beam_size_must_be_positive(decoder):
     with pytest.raises(ValueError, match="beam_size"):
         beam_search(decoder, encoded(1), beam_size=0, **SPECIAL)

@@ -293,6 +293,10 @@ def beam_search(
         scores, flat = candidates.view(b, live * kk).topk(k, dim=-1)  # (b, K)
         parent = torch.div(flat, kk, rounding_mode="floor")  # (b, K), in 0…live−1
         word = cand_words.view(b, live * kk).gather(1, flat)  # (b, K)
+        # With fewer allowed words than beams, some of the K kept are at −inf: a forbidden word
+        # (<bos>/<pad>) or an extension of such a beam. They hold no caption: <pad>, ended.
+        empty = torch.isneginf(scores)  # (b, K)
+        word.masked_fill_(empty, pad)
         rows = (torch.arange(b, device=device).unsqueeze(1) * live + parent).view(-1)  # (b*K,) beams kept
         state = _select(out.state, rows)
         was_done = done.gather(1, parent)
@@ -303,7 +307,7 @@ def beam_search(
             alpha = alpha * (~was_done).unsqueeze(-1)  # (b, K, L); zero after the caption ended
             alphas.append(alpha.new_zeros(batch, k, alpha.shape[-1]).index_copy(0, active, alpha))
         lengths = lengths.gather(1, parent) + (~was_done).float()
-        done = was_done | (word == eos)
+        done = was_done | (word == eos) | empty
         tokens = word.view(-1)
         if live < k:  # after the first step every image has K beams
             live, step_mem = k, decoder.expand_memory(mem, k)
