@@ -70,6 +70,24 @@ class DecoderOutput:
         return out
 
 
+def _cpu_decoding(x: Tensor) -> bool:
+    """Whether ``x`` takes the CPU decoding fast paths: no autograd, autocast or compile, on a CPU
+    (a GPU's matmul adds a bias in its epilogue, and its kernels are not known to allow aliasing)."""
+    return not (
+        torch.is_grad_enabled()
+        or x.device.type != "cpu"
+        or torch.is_autocast_enabled("cpu")
+        or torch.compiler.is_compiling()
+    )
+
+
+def _versions(tensors) -> tuple[Any, ...]:
+    """What identifies the values of ``tensors`` for a cache built from them: storage, in-place
+    version, dtype and device. (Not every in-place update counts: torch's fused Adam does not bump
+    ``_version``, so the caches are also dropped at the start of every search.)"""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+
+
 class _FoldedLinear:
     """``layer(x)`` for decoding on a CPU, with the bias as one more column of the weight.
 
@@ -90,16 +108,10 @@ class _FoldedLinear:
         self._key = self._weight = None
 
     def __call__(self, layer: nn.Linear, x: Tensor) -> Tensor:
-        if (
-            torch.is_grad_enabled()
-            or x.device.type != "cpu"
-            or layer.bias is None
-            or torch.is_autocast_enabled("cpu")
-            or torch.compiler.is_compiling()
-        ):
+        if layer.bias is None or not _cpu_decoding(x):
             return layer(x)
         w, b = layer.weight, layer.bias
-        key = tuple((t.data_ptr(), t._version, t.dtype) for t in (w, b))
+        key = _versions((w, b))
         if self._weight is None or self._key != key:
             self._key, self._weight = key, torch.cat([w, b.unsqueeze(1)], dim=1)  # (V, E + 1)
         ones = x.new_ones(x.shape[:-1] + (1,))
@@ -113,12 +125,7 @@ def _step_log_softmax(logits: Tensor) -> Tensor:
     pages would be faulted in again at every word. Bit-identical: the kernel reads each row before
     writing it. (Autograd, autocast, compile and GPUs take the out-of-place op.)
     """
-    if (
-        torch.is_grad_enabled()
-        or logits.device.type != "cpu"
-        or torch.is_autocast_enabled("cpu")
-        or torch.compiler.is_compiling()
-    ):
+    if not _cpu_decoding(logits):
         return logits.log_softmax(dim=-1)
     return torch.log_softmax(logits, dim=-1, out=logits)
 
@@ -413,7 +420,7 @@ class ShowAttendTellDecoder(CaptionDecoder):
             self.cell.bias_ih,
         ]
         cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        key = (input_bias, *((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)) if cacheable else None
+        key = (input_bias, *_versions(sources)) if cacheable else None
         if key is not None and self._stacked is not None and self._stacked[0] == key:
             return self._stacked[1], self._stacked[2]
         weight = torch.cat([p.weight for p in parts] + [self.cell.weight_hh])  # (A [+1] + 4H, H)
