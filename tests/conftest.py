@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 import capattn  # noqa: F401  (its torchvision guard must run before any test imports lightning)
+from capattn.data.readers import CaptionReader
+from capattn.data.records import CaptionRecord
 
 # Tests never touch the network: hub datasets, the wandb server and weight downloads are offline.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -43,6 +45,17 @@ TINY_SHOW_TELL = [
     "--model.test_scorers=[bleu,cider]",
     "--model.tokenizer=simple",
 ]
+
+
+class ListReader(CaptionReader):
+    """Records given directly, for inputs no real file format would produce; images load through
+    the base class's loader."""
+
+    def __init__(self, records: list[CaptionRecord]) -> None:
+        self.records = records
+
+    def read(self) -> list[CaptionRecord]:
+        return self.records
 
 
 @pytest.fixture(scope="session")

@@ -65,6 +65,20 @@ def test_loss_falls_and_bleu_rises(decoder_cls, tmp_path):
     assert after["val/BLEU-4"] > before["val/BLEU-4"] + 0.1, (before["val/BLEU-4"], after["val/BLEU-4"])
 
 
+# A demo config on 16/4/4 shapes images, one validation batch, no test: the CLI runs below.
+SMALL_DEMO_RUN = [
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_progress_bar=false",
+    "--data.reader.init_args.num_train=16",
+    "--data.reader.init_args.num_val=4",
+    "--data.reader.init_args.num_test=4",
+    "--data.batch_size=8",
+    "--model.val_scorers=[bleu,cider]",
+    "--model.tokenizer=simple",
+    "--test_after_fit=false",
+]
+
+
 def test_two_cpu_runs_with_the_same_seed_give_identical_weights_and_metrics(tmp_path, monkeypatch):
     from pathlib import Path
 
@@ -81,15 +95,7 @@ def test_two_cpu_runs_with_the_same_seed_give_identical_weights_and_metrics(tmp_
         "--trainer.accelerator=cpu",
         "--trainer.max_epochs=2",
         "--trainer.limit_train_batches=3",
-        "--trainer.limit_val_batches=1",
-        "--trainer.enable_progress_bar=false",
-        "--data.reader.init_args.num_train=16",
-        "--data.reader.init_args.num_val=4",
-        "--data.reader.init_args.num_test=4",
-        "--data.batch_size=8",
-        "--model.val_scorers=[bleu,cider]",
-        "--model.tokenizer=simple",
-        "--test_after_fit=false",
+        *SMALL_DEMO_RUN,
     ]
     main([*args, "--run_name=a"])
     main([*args, "--run_name=b"])
@@ -170,15 +176,7 @@ def test_nan_in_a_resumed_checkpoint_stops_with_the_last_good_checkpoint(tmp_pat
         "--config",
         str(REPO_ROOT / "experiments" / "demo_show_tell.yaml"),
         "--trainer.limit_train_batches=2",
-        "--trainer.limit_val_batches=1",
-        "--trainer.enable_progress_bar=false",
-        "--data.reader.init_args.num_train=16",
-        "--data.reader.init_args.num_val=4",
-        "--data.reader.init_args.num_test=4",
-        "--data.batch_size=8",
-        "--model.val_scorers=[bleu,cider]",
-        "--model.tokenizer=simple",
-        "--test_after_fit=false",
+        *SMALL_DEMO_RUN,
         "--run_name=r",
     ]
     main([*args, "--trainer.max_epochs=1"])

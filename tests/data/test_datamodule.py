@@ -10,20 +10,11 @@ import torch
 from PIL import Image
 
 from capattn.data.datamodule import CaptionDataModule
-from capattn.data.readers import CaptionReader
 from capattn.data.records import CaptionRecord
 from capattn.data.synthetic import ShapesReader
 from capattn.errors import ConfigError, DataError
 
-
-class FolderReader(CaptionReader):
-    """Records given directly, images read from files (the base class's loader)."""
-
-    def __init__(self, records: list[CaptionRecord]) -> None:
-        self.records = records
-
-    def read(self) -> list[CaptionRecord]:
-        return self.records
+from ..conftest import ListReader
 
 
 @pytest.fixture
@@ -81,7 +72,7 @@ def test_max_caption_len_cuts_training_captions_but_keeps_eos(shapes):
 def test_image_size_resizes_and_crops(tmp_path):
     Image.new("RGB", (80, 60), "red").save(tmp_path / "a.jpg")
     records = [CaptionRecord("1", tmp_path / "a.jpg", ("a red picture",), "train")]
-    dm = CaptionDataModule(reader=FolderReader(records), image_size=32, prepared_dir=str(tmp_path / "p"))
+    dm = CaptionDataModule(reader=ListReader(records), image_size=32, prepared_dir=str(tmp_path / "p"))
     assert next(iter(dm.train_dataloader())).images.shape == (1, 3, 32, 32)
 
 
@@ -96,7 +87,7 @@ def test_augmentations_apply_to_training_images_only(tmp_path):
         CaptionRecord("2", tmp_path / "a.png", ("white on the left",), "val"),
     ]
     dm = CaptionDataModule(
-        reader=FolderReader(records), augmentations=[v2.RandomHorizontalFlip(p=1.0)], prepared_dir=str(tmp_path / "p")
+        reader=ListReader(records), augmentations=[v2.RandomHorizontalFlip(p=1.0)], prepared_dir=str(tmp_path / "p")
     )
     train = next(iter(dm.train_dataloader())).images[0]
     val = next(iter(dm.val_dataloader())).images[0]
@@ -120,10 +111,10 @@ def test_missing_and_corrupt_images_name_the_file(tmp_path):
     for name, message in (("gone.jpg", "gone.jpg.*missing"), ("broken.jpg", "broken.jpg.*not a readable image")):
         records = [ok, CaptionRecord("1", tmp_path / name, ("a dog",), "train")]
         with pytest.raises(DataError, match=message):
-            _ = CaptionDataModule(reader=FolderReader(records), prepared_dir=str(tmp_path / f"p-{name}")).vocab
+            _ = CaptionDataModule(reader=ListReader(records), prepared_dir=str(tmp_path / f"p-{name}")).vocab
     # A truncated JPEG passes the header check and is caught, naming it, when its pixels are decoded.
     records = [ok, CaptionRecord("2", tmp_path / "truncated.jpg", ("a cat",), "train")]
-    dm = CaptionDataModule(reader=FolderReader(records), batch_size=1, prepared_dir=str(tmp_path / "t"))
+    dm = CaptionDataModule(reader=ListReader(records), batch_size=1, prepared_dir=str(tmp_path / "t"))
     dataset = dm.dataset("train")
     dataset[0]
     with pytest.raises(DataError, match="truncated.jpg"):
@@ -132,11 +123,11 @@ def test_missing_and_corrupt_images_name_the_file(tmp_path):
 
 def test_missing_split_and_unknown_split_are_clear_errors(tmp_path):
     records = [CaptionRecord("1", None, ("a dog",), "train")]
-    dm = CaptionDataModule(reader=FolderReader(records), prepared_dir=str(tmp_path / "p"))
+    dm = CaptionDataModule(reader=ListReader(records), prepared_dir=str(tmp_path / "p"))
     with pytest.raises(DataError, match="no 'val' images"):
         dm.val_dataloader()
     with pytest.raises(ConfigError, match="predict_split"):
-        CaptionDataModule(reader=FolderReader(records), predict_split="dev")
+        CaptionDataModule(reader=ListReader(records), predict_split="dev")
 
 
 @pytest.mark.parametrize(
@@ -150,7 +141,7 @@ def test_missing_split_and_unknown_split_are_clear_errors(tmp_path):
 )
 def test_bad_options_are_one_line_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message) as err:
-        CaptionDataModule(reader=FolderReader([]), **kwargs)
+        CaptionDataModule(reader=ListReader([]), **kwargs)
     assert "\n" not in str(err.value)
 
 
@@ -171,7 +162,7 @@ def test_real_flickr8k_jpegs_load_through_the_datamodule(shared_data, tmp_path):
     """Real JPEGs of any aspect ratio → resized, centre-cropped [0, 1] tensors, decoded with Pillow."""
     images = sorted((shared_data / "flickr8k" / "images").glob("*.jpg"))[:3]
     records = [CaptionRecord(p.stem, p, ("a photo of something",), "train") for p in images]
-    dm = CaptionDataModule(reader=FolderReader(records), batch_size=3, image_size=224, prepared_dir=str(tmp_path))
+    dm = CaptionDataModule(reader=ListReader(records), batch_size=3, image_size=224, prepared_dir=str(tmp_path))
     batch = next(iter(dm.train_dataloader()))
     assert batch.images.shape == (3, 3, 224, 224)
     assert 0.0 <= float(batch.images.min()) < float(batch.images.max()) <= 1.0

@@ -14,11 +14,11 @@ from PIL import Image
 from capattn.cli import main
 from capattn.data import prepare as prepare_module
 from capattn.data.prepare import PreparedData, PrepareSettings, is_up_to_date, prepare
-from capattn.data.readers import CaptionReader, Flickr8kReader
+from capattn.data.readers import Flickr8kReader
 from capattn.data.records import CaptionRecord
 from capattn.errors import DataError
 
-from ..conftest import REPO_ROOT
+from ..conftest import REPO_ROOT, ListReader
 
 EXPERIMENT = REPO_ROOT / "experiments" / "flickr8k_show_attend_tell.yaml"
 
@@ -52,16 +52,6 @@ def write_flickr8k(folder: Path, sizes: tuple[int, int, int] = (8, 3, 3), images
     token = text / "Flickr8k.token.txt"
     token.write_text("\n".join(lines) + "\n")
     return token
-
-
-class ListReader(CaptionReader):
-    """Records given directly (for inputs no real file format would produce)."""
-
-    def __init__(self, records: list[CaptionRecord]) -> None:
-        self.records = records
-
-    def read(self) -> list[CaptionRecord]:
-        return self.records
 
 
 @pytest.fixture
