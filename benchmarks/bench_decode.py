@@ -177,30 +177,28 @@ def main(argv: list[str] | None = None) -> int:
     # the last step where a trained one ends them (tests/test_decoding.py shows beam compaction on
     # a decoder trained to end its captions).
     ending, median_words = ending_decoder(sat, enc, max_len=lengths[0])
-    ended = []
-    for beam in (1,):
-        fns = {
-            "tutorial": tutorial_search(ending, enc.grid[:tut_images], beam, lengths[0]),
-            "capattn": capattn_search(ending, enc, beam, lengths[0]),
-        }
-        t = {name: median(xs) for name, xs in interleaved(fns, repeats, device).items()}
-        with CountingRows(ending) as counter:
-            fns["capattn"]()
-        rows_run = counter.rows
-        marks = [i for i in (0, 4, 9, 14, 19, 29) if i < len(rows_run)] + [len(rows_run) - 1]
-        trace = ", ".join(f"{i + 1}: {rows_run[i]}" for i in dict.fromkeys(marks))
-        tut_ips, ips = tut_images / t["tutorial"], images / t["capattn"]
-        ended.append(
-            [
-                "greedy" if beam == 1 else f"beam {beam}",
-                f"{tut_ips:.2f}",
-                f"{ips:.1f}",
-                f"{ips / tut_ips:.1f}×",
-                str(len(rows_run)),
-                f"{sum(rows_run) / (images + (len(rows_run) - 1) * images * beam):.0%}",
-                trace,
-            ]
-        )
+    fns = {
+        "tutorial": tutorial_search(ending, enc.grid[:tut_images], 1, lengths[0]),
+        "capattn": capattn_search(ending, enc, 1, lengths[0]),
+    }
+    t = {name: median(xs) for name, xs in interleaved(fns, repeats, device).items()}
+    with CountingRows(ending) as counter:
+        fns["capattn"]()
+    rows_run = counter.rows
+    marks = [i for i in (0, 4, 9, 14, 19, 29) if i < len(rows_run)] + [len(rows_run) - 1]
+    trace = ", ".join(f"{i + 1}: {rows_run[i]}" for i in dict.fromkeys(marks))
+    tut_ips, ips = tut_images / t["tutorial"], images / t["capattn"]
+    ended = [
+        [
+            "greedy",
+            f"{tut_ips:.2f}",
+            f"{ips:.1f}",
+            f"{ips / tut_ips:.1f}×",
+            str(len(rows_run)),
+            f"{sum(rows_run) / (images * len(rows_run)):.0%}",
+            trace,
+        ]
+    ]
     table_end = markdown_table(
         [
             "search",
@@ -209,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             "speed-up",
             "capattn steps",
             "rows run / full batch",
-            "capattn hypotheses at step (step: rows)",
+            "capattn images at step (step: rows)",
         ],
         ended,
     )

@@ -97,10 +97,15 @@ def step_fns(d: int, batch: int, s: dict, sizes: dict, device: torch.device, tok
     }
 
 
+def measure_peaks(device: torch.device, dims, build) -> dict[int, dict[str, float]]:
+    """MB each step adds at its peak, measured in this process."""
+    return {d: {name: peak_memory_mb(fn, device) for name, fn in build(d).items()} for d in dims}
+
+
 def peak_memory(argv: list[str], device: torch.device, dims, build) -> dict[int, dict[str, float]]:
     """MB each step adds at its peak. On a CPU, from a child process (``--peak-memory``) that times nothing."""
     if device.type == "cuda":
-        return {d: {name: peak_memory_mb(fn, device) for name, fn in build(d).items()} for d in dims}
+        return measure_peaks(device, dims, build)
     child = [sys.executable, __file__, *argv, "--peak-memory"]
     out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
     return {int(d): m for d, m in json.loads(out.strip().splitlines()[-1]).items()}
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         return_freed_memory_to_the_os()  # before the warm-up, or its freed blocks would hide the peak
         for fn in (f for d in dims for f in build(d).values()):
             fn()  # warm-up: lazy initialisation and the optimizer state are not a step's peak
-        print(json.dumps({d: {name: peak_memory_mb(fn, device) for name, fn in build(d).items()} for d in dims}))
+        print(json.dumps(measure_peaks(device, dims, build)))
         return 0
     peak = matmul_peak_gflops(device, n=512 if args.quick else 2048)
     note = load_note()
