@@ -3,6 +3,7 @@ paper-size inputs, and appending a dated section to RESULTS.md."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 import capattn  # noqa: F401  (its torchvision guard runs first)
+from capattn.models import native
 from capattn.models.encoder import EncoderOutput
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -40,7 +42,8 @@ def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     isa = "AVX-512" if "avx512f" in _cpu_flags() else "AVX2" if "avx2" in _cpu_flags() else "no AVX2"
-    return f"CPU {cpu_name()}, {os.cpu_count()} cores, {isa}, {torch.get_num_threads()} threads"
+    kernels = "fused attention kernels on" if native.kernels() is not None else "fused attention kernels off"
+    return f"CPU {cpu_name()}, {os.cpu_count()} cores, {isa}, {torch.get_num_threads()} threads, {kernels}"
 
 
 def _cpu_flags() -> str:
@@ -76,6 +79,32 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def attention_kernels(on: bool):
+    """Runs the block with capattn's fused CPU attention kernels on or off (``CAPATTN_NATIVE``)."""
+    before = os.environ.get("CAPATTN_NATIVE")
+    os.environ["CAPATTN_NATIVE"] = "1" if on else "0"
+    native.kernels.cache_clear()
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["CAPATTN_NATIVE"]
+        else:
+            os.environ["CAPATTN_NATIVE"] = before
+        native.kernels.cache_clear()
+
+
+def without_attention_kernels(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with attention computed by PyTorch alone: the row that shows what the kernels add."""
+
+    def run() -> object:
+        with attention_kernels(False):
+            return fn()
+
+    return run
 
 
 # --- timing ------------------------------------------------------------------------------------

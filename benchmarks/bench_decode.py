@@ -37,6 +37,7 @@ from _common import (  # noqa: E402
     median,
     results_title,
     sat_decode_macs,
+    without_attention_kernels,
 )
 from tutorial import tutorial_beam_search  # noqa: E402
 
@@ -131,9 +132,10 @@ def main(argv: list[str] | None = None) -> int:
             fns = {
                 "tutorial": tutorial_search(sat, enc.grid[:tut_images], beam, max_len),
                 "capattn": capattn_search(sat, enc, beam, max_len),
+                "capattn_torch": without_attention_kernels(capattn_search(sat, enc, beam, max_len)),
             }
             t = {name: median(xs) for name, xs in interleaved(fns, repeats, device).items()}
-            tut_ips, ips = tut_images / t["tutorial"], images / t["capattn"]
+            tut_ips, ips, torch_ips = tut_images / t["tutorial"], images / t["capattn"], images / t["capattn_torch"]
             if beam == 1:  # greedy is deterministic: the two must say the same thing
                 ours = fns["capattn"]().tokens[:tut_images, 0].tolist()
                 theirs = fns["tutorial"]()
@@ -152,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{tut_ips:.2f}",
                     f"{ips:.1f}",
                     f"{ips / tut_ips:.1f}×",
+                    f"{torch_ips:.1f} ({torch_ips / tut_ips:.1f}×)",
                     f"{flop_ratio:.1f}×",
                     agree,
                 ]
@@ -163,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             "tutorial img/s (one at a time)",
             f"capattn img/s ({images} batched)",
             "speed-up",
+            "capattn img/s, attention in PyTorch (speed-up)",
             "FLOP ratio",
             "",
         ],
@@ -242,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         f"on ({tut_images} images per repeat); median of {repeats} interleaved repeats; {note}. FLOP ratio: the "
         f"baseline's multiply-adds over capattn's for the same captions (``_common.sat_decode_macs``; the baseline "
         f"projects the keys again for every hypothesis at every word): a speed-up above it means capattn also "
-        f"does its work faster per FLOP.\n\n{table1}\n\n"
+        f"does its work faster per FLOP. 'Attention in PyTorch': the same capattn search with its fused CPU "
+        f"attention kernels off (CAPATTN_NATIVE=0), interleaved with the others.\n\n{table1}\n\n"
         f"Greedy captions that end: the same decoder with its <eos> output bias raised until greedy's median "
         f"caption has {median_words:.0f} words (COCO's is about 10), at most {lengths[0]} steps; both sides stop "
         f"early (capattn: images whose caption has ended leave the batch). 'rows run / full batch': the rows "

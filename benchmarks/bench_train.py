@@ -42,6 +42,7 @@ from _common import (  # noqa: E402
     return_freed_memory_to_the_os,
     sat_train_flops,
     show_tell_train_flops,
+    without_attention_kernels,
 )
 from tutorial import tutorial_loss  # noqa: E402
 
@@ -93,6 +94,9 @@ def step_fns(d: int, batch: int, s: dict, sizes: dict, device: torch.device, tok
             sat, torch.optim.Adam(sat.parameters()), lambda: tutorial_loss(sat, enc.grid, tokens, lengths)
         ),
         "capattn": train_step(sat, capattn_adam(sat), capattn_loss(sat, enc, tokens, lengths)),
+        "capattn_torch": without_attention_kernels(
+            train_step(sat, capattn_adam(sat), capattn_loss(sat, enc, tokens, lengths))
+        ),
         "show_tell": train_step(st, capattn_adam(st), capattn_loss(st, enc, tokens, lengths)),
     }
 
@@ -150,11 +154,13 @@ def main(argv: list[str] | None = None) -> int:
         flops = {
             "tutorial": sat_train_flops(lengths, d, keys_every_step=True, **sizes),
             "capattn": sat_train_flops(lengths, d, **sizes),
+            "capattn_torch": sat_train_flops(lengths, d, **sizes),
             "show_tell": show_tell_train_flops(lengths, d, **sizes),
         }
         labels = {
             "tutorial": "SAT, tutorial-style",
             "capattn": "SAT, capattn",
+            "capattn_torch": "SAT, capattn, attention in PyTorch (CAPATTN_NATIVE=0)",
             "show_tell": "Show and Tell, capattn",
         }
         for name in t:
@@ -196,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         f"configure_optimizers picks it; tutorial: torch's default); median of {repeats} interleaved repeats; {note}; "
         f"measured matmul peak {peak:.0f} GFLOP/s (2048² fp32). Model GFLOP counts each implementation's own "
         f"matmul work (the baseline projects the keys again at every word). The tutorial-style baseline is "
-        f"benchmarks/tutorial.py, same parameters, same loss (checked).\n\n{table}\n"
+        f"benchmarks/tutorial.py, same parameters, same loss (checked). 'Attention in PyTorch': capattn's step "
+        f"with its fused CPU attention kernels off.\n\n{table}\n"
     )
     append_results(args.results, title, body)
     return 0

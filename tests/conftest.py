@@ -58,6 +58,18 @@ class ListReader(CaptionReader):
         return self.records
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kernel_cache(tmp_path_factory) -> Path:
+    """The fused attention kernels are built once per test session, in its own temporary folder,
+    never in the user's ~/.cache (subprocesses of the tests inherit the folder)."""
+    from capattn.models import native
+
+    if "CAPATTN_CACHE_DIR" not in os.environ:
+        os.environ["CAPATTN_CACHE_DIR"] = str(tmp_path_factory.mktemp("capattn-cache"))
+    native.kernels.cache_clear()
+    return Path(os.environ["CAPATTN_CACHE_DIR"])
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real-format data beside the repo (../shared/data); skips the test when it is absent."""

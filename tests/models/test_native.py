@@ -1,0 +1,209 @@
+"""The fused CPU attention kernels against the formula and against PyTorch's path, and how they are built."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from capattn.decoding import beam_search, greedy
+from capattn.models import native
+from capattn.models.attention import SoftAttention
+from capattn.models.decoders import ShowAttendTellDecoder
+from capattn.models.encoder import EncoderOutput
+
+# Odd sizes, so that no loop of the kernels ends on a whole vector.
+B, K, L, A, D, H = 4, 3, 11, 37, 45, 6
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """Kernels on, and a function that turns them off; skips, saying why, where they cannot be built."""
+    monkeypatch.setenv("CAPATTN_NATIVE", "1")
+    native.kernels.cache_clear()
+    if native.kernels() is None:
+        pytest.skip("the fused attention kernels cannot be built here (capattn.models.native logged why)")
+
+    def turn_off() -> None:
+        monkeypatch.setenv("CAPATTN_NATIVE", "0")
+        native.kernels.cache_clear()
+
+    yield turn_off
+    native.kernels.cache_clear()
+
+
+def formula_energy(keys, query, w, bias):
+    """e[b, k, l] = wᵀ tanh(keys[b, l] + query[b, k]) + bias, in float64."""
+    return torch.tanh(keys.double().unsqueeze(1) + query.double().unsqueeze(2)) @ w.double() + bias
+
+
+def test_energy_and_context_match_the_formula(kernels):
+    g = torch.Generator().manual_seed(0)
+    keys, query = torch.randn(B, L, A, generator=g), torch.randn(B, K, A, generator=g)
+    w, grid = torch.randn(A, generator=g), torch.randn(B, L, D, generator=g)
+    energy = native.energy(keys, query, w, 0.25)  # (B, K, L)
+    torch.testing.assert_close(energy.double(), formula_energy(keys, query, w, 0.25), rtol=1e-5, atol=1e-5)
+    alpha = energy.softmax(-1)
+    torch.testing.assert_close(native.context(grid, alpha), torch.bmm(alpha, grid), rtol=1e-5, atol=1e-5)
+
+
+def test_energy_backward_matches_autograd_and_adds_into_the_rows_it_is_given(kernels):
+    rows = 3  # of B: the shrinking batch of a time step
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(B, L, A, generator=g)
+    query, w = torch.randn(rows, A, generator=g), torch.randn(A, generator=g)
+    d_energy = torch.randn(rows, L, generator=g)
+    before = torch.randn(B, L, A, generator=g)  # gradient summed by earlier steps
+    keys_grad = before.clone()
+    d_query, d_w = native.energy_backward(keys, query, w, d_energy, keys_grad)
+
+    k64, q64, w64 = (t.double().requires_grad_() for t in (keys[:rows], query, w))
+    energy = (torch.tanh(k64 + q64.unsqueeze(1)) @ w64).reshape(rows, L)
+    dk, dq, dw = torch.autograd.grad(energy, (k64, q64, w64), d_energy.double())
+    torch.testing.assert_close(d_query.double(), dq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(d_w.double(), dw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close((keys_grad[:rows] - before[:rows]).double(), dk, rtol=1e-5, atol=1e-5)
+    assert torch.equal(keys_grad[rows:], before[rows:])  # rows that have ended are left alone
+
+
+def test_energy_backward_is_the_same_on_every_run(kernels):
+    """w's gradient is summed per thread, then over threads in order: no dependence on timing."""
+    g = torch.Generator().manual_seed(2)
+    keys, query = torch.randn(32, L, A, generator=g), torch.randn(32, A, generator=g)
+    w, d_energy = torch.randn(A, generator=g), torch.randn(32, L, generator=g)
+    runs = [native.energy_backward(keys, query, w, d_energy, torch.zeros(32, L, A)) for _ in range(3)]
+    for d_query, d_w in runs[1:]:
+        assert torch.equal(d_query, runs[0][0]) and torch.equal(d_w, runs[0][1])
+
+
+def test_nan_and_infinity_propagate_as_in_pytorch(kernels):
+    keys, query, w = torch.zeros(1, 3, A), torch.zeros(1, 1, A), torch.ones(A)
+    keys[0, 0, 5], keys[0, 1, 5] = float("nan"), float("inf")
+    energy = native.energy(keys, query, w, 0.0)[0, 0]
+    assert energy[0].isnan() and energy[1] == 1.0 and energy[2] == 0.0  # tanh(inf) = 1
+
+
+def attention_pair(seed: int = 0):
+    torch.manual_seed(seed)
+    att = SoftAttention(feature_dim=D, hidden_dim=H, attention_dim=A)
+    grid = torch.randn(B, L, D)
+    return att, grid
+
+
+def test_decoding_attention_is_the_same_with_and_without_kernels(kernels):
+    att, grid = attention_pair()
+    hidden = torch.randn(B * K, H)
+    with torch.no_grad():
+        keys = att.project_keys(grid)
+        fused = att(keys, grid, hidden)
+        kernels()
+        plain = att(keys, grid, hidden)
+    for got, expected in zip(fused, plain, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("grid_grad", [False, True], ids=["cached_features", "encoder_trains"])
+def test_training_gradients_are_the_same_with_and_without_kernels(kernels, grid_grad):
+    """Show, Attend and Tell's teacher-forced loss and every gradient, fused kernels against PyTorch's path."""
+    torch.manual_seed(0)
+    dec = ShowAttendTellDecoder(vocab_size=20, feature_dim=D, embed_dim=8, hidden_dim=H, attention_dim=A, dropout=0.0)
+    lengths = torch.tensor([9, 4, 7, 9, 2])
+    tokens = torch.randint(4, 20, (5, 9))
+    tokens[:, 0] = 1
+    for i, n in enumerate(lengths.tolist()):
+        tokens[i, n - 1], tokens[i, n:] = 2, 0
+    grid = torch.randn(5, L, D, requires_grad=grid_grad)
+    params = [*dec.parameters()] + ([grid] if grid_grad else [])
+
+    def loss_and_grads():
+        out = dec(EncoderOutput(grid=grid, pooled=grid.mean(1)), tokens, lengths)
+        loss = torch.nn.functional.cross_entropy(out.logits, out.targets) + out.aux_loss
+        return loss, torch.autograd.grad(loss, params, allow_unused=True)
+
+    fused_loss, fused = loss_and_grads()
+    kernels()
+    plain_loss, plain = loss_and_grads()
+    torch.testing.assert_close(fused_loss, plain_loss)
+    for (name, _), got, expected in zip([*dec.named_parameters(), ("grid", grid)], fused, plain, strict=False):
+        if name == "attention.score.bias":  # softmax ignores a shift: its gradient is rounding noise around 0
+            continue
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_searches_give_the_same_captions_with_and_without_kernels(kernels, beam_size):
+    torch.manual_seed(0)
+    dec = ShowAttendTellDecoder(vocab_size=30, feature_dim=D, embed_dim=8, hidden_dim=H, attention_dim=A).eval()
+    grid = torch.randn(6, L, D)
+    enc = EncoderOutput(grid=grid, pooled=grid.mean(1))
+
+    def search():
+        with torch.no_grad():
+            if beam_size == 1:
+                return greedy(dec, enc, bos=1, eos=2, pad=0, max_len=12)
+            return beam_search(dec, enc, bos=1, eos=2, pad=0, beam_size=beam_size, max_len=12)
+
+    fused = search()
+    kernels()
+    plain = search()
+    assert torch.equal(fused.tokens, plain.tokens)
+    torch.testing.assert_close(fused.scores, plain.scores, rtol=1e-5, atol=1e-5)
+
+
+# --- how the kernels are built ---------------------------------------------------------------------
+
+
+def test_kernels_are_built_once_per_cpu_into_the_cache_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("CAPATTN_NATIVE", "1")
+    monkeypatch.setenv("CAPATTN_CACHE_DIR", str(tmp_path))
+    native.kernels.cache_clear()
+    try:
+        if native.kernels() is None:
+            pytest.skip("the fused attention kernels cannot be built here")
+        (built,) = (tmp_path / "native").glob("attention-*.so")
+        native.kernels.cache_clear()
+        monkeypatch.setattr(native, "_build", lambda *a: pytest.fail("rebuilt a library already in the cache"))
+        assert native.kernels() is not None
+        native.kernels.cache_clear()
+        monkeypatch.setattr(native, "_cpu_signature", lambda: "another CPU")
+        monkeypatch.setattr(native, "_build", lambda compiler, target: target.write_bytes(b""))
+        native.kernels()  # an empty file does not load: the failure is only logged
+        assert {p.name for p in (tmp_path / "native").glob("attention-*.so")} - {built.name}  # a new name
+    finally:
+        native.kernels.cache_clear()
+
+
+def test_without_a_compiler_attention_runs_in_pytorch_after_one_warning(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CAPATTN_NATIVE", "1")
+    monkeypatch.setenv("CAPATTN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-capattn")
+    native.kernels.cache_clear()
+    att, grid = attention_pair()
+    try:
+        with caplog.at_level(logging.WARNING, logger="capattn.models.native"), torch.no_grad():
+            keys = att.project_keys(grid)
+            att(keys, grid, torch.randn(B * K, H))
+            att(keys, grid, torch.randn(B * K, H))
+        warnings = [r.getMessage() for r in caplog.records if r.name == "capattn.models.native"]
+        assert len(warnings) == 1 and "no-such-compiler-capattn" in warnings[0] and "CAPATTN_NATIVE=0" in warnings[0]
+        assert not native.usable(grid)
+    finally:
+        native.kernels.cache_clear()
+
+
+def test_capattn_native_0_turns_them_off_silently(monkeypatch, caplog):
+    monkeypatch.setenv("CAPATTN_NATIVE", "0")
+    native.kernels.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="capattn.models.native"):
+            assert native.kernels() is None and not native.usable(torch.zeros(1))
+        assert not caplog.records
+    finally:
+        native.kernels.cache_clear()
+
+
+def test_only_cpu_float32_tensors_take_the_kernels(kernels):
+    assert native.usable(torch.zeros(2))
+    assert not native.usable(torch.zeros(2), torch.zeros(2, dtype=torch.float64))
+    assert not native.usable(torch.zeros(2, dtype=torch.bfloat16))
