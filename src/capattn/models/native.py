@@ -2,8 +2,8 @@
 
 Soft attention's energy wᵀ tanh(k + q) is elementwise work over (B, K, L, A) values that
 PyTorch runs as several passes over memory; the C kernels do it in one, forward and backward
-(measured on a 2-core AVX-512 CPU: a Show, Attend and Tell training step at the paper's sizes
-12% faster at D = 512; the beam-5 attention energy over 100 images 15 ms → 10 ms per word).
+(measured on a 2-core AVX-512 CPU at the paper's sizes: a Show, Attend and Tell training step
+3–8% faster, 188 against 196 ms at D = 512; the beam-5 energy over 100 images 15 → 10 ms a word).
 
 The first process that needs them compiles the C file with the system compiler (``$CC``, else
 ``cc``; about a second) into ``$CAPATTN_CACHE_DIR`` (default ``~/.cache/capattn``), under a name
