@@ -13,6 +13,12 @@ from capattn.models import native
 _CHUNK_ELEMENTS = 3 << 17  # floats per chunk of tanh(keys + q) built in cache (1.5 MB in fp32, within one core's L2)
 
 
+def fast_loop(x: Tensor) -> bool:
+    """Whether a teacher-forced loop's hand-written gradients apply: training, without autocast
+    (under autocast, autograd handles the mixed precision). Shared by the attention and the decoders."""
+    return torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+
+
 class SoftAttention(nn.Module):
     """Additive attention: e_ti = wᵀ tanh(W_a a_i + W_h h_{t−1}), α_t = softmax(e_t), ẑ_t = Σ_i α_ti a_i.
 
@@ -118,8 +124,8 @@ class SoftAttention(nn.Module):
         def attend(query: Tensor, rows: int) -> tuple[Tensor, Tensor]:
             nonlocal calls
             first, calls = calls == 0, calls + 1
-            if not torch.is_grad_enabled() or torch.is_autocast_enabled(query.device.type):
-                return self.attend(keys[:rows], grid[:rows], query)  # autograd handles mixed precision
+            if not fast_loop(query):
+                return self.attend(keys[:rows], grid[:rows], query)
             return _SharedAttention.apply(keys, grid, query, self.score.weight, self.score.bias, rows, first, shared)
 
         return attend

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from capattn.models.attention import SoftAttention
+from capattn.models.attention import SoftAttention, fast_loop
 from capattn.models.encoder import EncoderOutput
 
 Memory = Any  # per-image tensors computed once by ``prepare`` (batch-first)
@@ -303,16 +303,11 @@ def _loop_linear(weight: Tensor, static: Tensor | None = None) -> Callable[[Tens
     def linear(x: Tensor) -> Tensor:
         nonlocal calls
         first, calls = calls == 0, calls + 1
-        if not _fast_loop(x):
+        if not fast_loop(x):
             return x @ weight[:, weight.shape[1] - x.shape[1] :].t()  # autograd handles mixed precision
         return _LoopLinear.apply(x, weight, first, pending, None if static is None else static.detach())
 
     return linear
-
-
-def _fast_loop(x: Tensor) -> bool:
-    """Whether the hand-written loop gradients apply: training, without autocast (autograd does that)."""
-    return torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
 
 
 @dataclass(frozen=True)
@@ -522,7 +517,7 @@ class ShowAttendTellDecoder(CaptionDecoder):
         e = self.embed_dim
         # The word half of the LSTM input projection does not depend on h: one (N, E) @ (E, 4H) matmul.
         # Its weight gradient comes, with the context half's, from ``context_linear`` (see _LoopLinear).
-        fast = _fast_loop(emb)
+        fast = fast_loop(emb)
         w_word = w_ih[:, :e].detach() if fast else w_ih[:, :e]
         gates_word = torch.addmm(self.cell.bias_ih, emb, w_word.t())  # (N, 4H)
         context_linear = _loop_linear(w_ih, static=emb if fast else None)  # ẑ_t ↦ W_z ẑ_t, W_z = w_ih[:, E:]
