@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import capattn  # noqa: F401  (its torchvision guard must run before any test imports lightning)
 from capattn.data.readers import CaptionReader
@@ -56,6 +57,19 @@ class ListReader(CaptionReader):
 
     def read(self) -> list[CaptionRecord]:
         return self.records
+
+
+def random_captions(batch: int, max_len: int, *, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens (B, max_len) ``<bos> words… <eos> <pad>…`` and lengths (B,) in 2…max_len, one at max_len,
+    unsorted (special tokens as capattn's vocabulary numbers them: <pad> 0, <bos> 1, <eos> 2)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, max_len + 1, (batch,), generator=g)
+    lengths[torch.randint(batch, (1,), generator=g)] = max_len
+    tokens = torch.randint(4, vocab, (batch, max_len), generator=g)
+    tokens[:, 0] = 1
+    for i, n in enumerate(lengths.tolist()):
+        tokens[i, n - 1], tokens[i, n:] = 2, 0
+    return tokens, lengths
 
 
 @pytest.fixture(scope="session", autouse=True)

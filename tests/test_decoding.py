@@ -11,6 +11,8 @@ from capattn.decoding import Captions, _forbid, beam_search, greedy, length_pena
 from capattn.models.decoders import CaptionDecoder, ShowAttendTellDecoder, ShowTellDecoder, StepOutput
 from capattn.models.encoder import EncoderOutput
 
+from .conftest import random_captions
+
 PAD, BOS, EOS = 0, 1, 2
 V, D, L = 11, 6, 4
 SPECIAL = dict(bos=BOS, eos=EOS, pad=PAD)
@@ -438,7 +440,7 @@ def test_a_search_after_an_optimizer_step_uses_the_new_weights(fused):
     greedy(dec, enc, max_len=6, **SPECIAL)  # fills the cache
     optimizer = torch.optim.Adam(dec.parameters(), lr=0.5, fused=fused)
     dec.train()
-    out = dec(enc, *captions_for(4))
+    out = dec(enc, *random_captions(4, 6, vocab=V, seed=5))
     torch.nn.functional.cross_entropy(out.logits, out.targets).backward()
     optimizer.step()
     dec.eval()
@@ -448,13 +450,3 @@ def test_a_search_after_an_optimizer_step_uses_the_new_weights(fused):
         got, expected = run(dec, enc, max_len=6, **SPECIAL), run(fresh, enc, max_len=6, **SPECIAL)
         assert torch.equal(got.tokens, expected.tokens)
         torch.testing.assert_close(got.scores, expected.scores)
-
-
-def captions_for(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(5)
-    lengths = torch.randint(3, 7, (batch,), generator=g)
-    tokens = torch.randint(4, V, (batch, int(lengths.max())), generator=g)
-    tokens[:, 0] = BOS
-    for i, n in enumerate(lengths.tolist()):
-        tokens[i, n - 1], tokens[i, n:] = EOS, PAD
-    return tokens, lengths

@@ -8,6 +8,8 @@ import torch
 from capattn.models.decoders import CaptionDecoder, ShowAttendTellDecoder, ShowTellDecoder
 from capattn.models.encoder import EncoderOutput, ImageEncoder
 
+from ..conftest import random_captions
+
 V, D, L, B = 13, 8, 9, 3
 DECODERS = {
     "show_tell": lambda: ShowTellDecoder(vocab_size=V, feature_dim=D, embed_dim=6, hidden_dim=10, dropout=0.3),
@@ -172,17 +174,6 @@ def reference_forward(dec: ShowAttendTellDecoder, enc: EncoderOutput, tokens: to
     return ce + dec.alpha_c * penalty, alphas_t * mask[..., None]
 
 
-def random_captions(batch: int, max_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(2, max_len + 1, (batch,), generator=g)
-    lengths[torch.randint(batch, (1,), generator=g)] = max_len
-    tokens = torch.randint(4, V, (batch, max_len), generator=g)
-    tokens[:, 0] = 1
-    for i, n in enumerate(lengths.tolist()):
-        tokens[i, n - 1], tokens[i, n:] = 2, 0
-    return tokens, lengths
-
-
 @pytest.mark.parametrize("kwargs", [{}, {"gate": False, "deep_output": False}], ids=["paper", "plain"])
 @pytest.mark.parametrize("grid_grad", [False, True], ids=["cached_features", "encoder_trains"])
 def test_fast_forward_has_the_loss_and_gradients_of_the_straightforward_loop(kwargs, grid_grad):
@@ -191,7 +182,7 @@ def test_fast_forward_has_the_loss_and_gradients_of_the_straightforward_loop(kwa
     dec = ShowAttendTellDecoder(
         vocab_size=V, feature_dim=D, embed_dim=6, hidden_dim=10, attention_dim=7, dropout=0.0, **kwargs
     ).double()
-    tokens, lengths = random_captions(7, 9, seed=3)  # unsorted lengths, some of them equal
+    tokens, lengths = random_captions(7, 9, vocab=V, seed=3)  # unsorted lengths, some of them equal
     grid = torch.randn(7, L, D, dtype=torch.float64, requires_grad=grid_grad)
     enc = EncoderOutput(grid=grid, pooled=grid.mean(1))
     params = [p for p in dec.parameters()] + ([grid] if grid_grad else [])

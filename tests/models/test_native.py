@@ -13,6 +13,8 @@ from capattn.models.attention import SoftAttention
 from capattn.models.decoders import ShowAttendTellDecoder
 from capattn.models.encoder import EncoderOutput
 
+from ..conftest import random_captions
+
 # Odd sizes, so that no loop of the kernels ends on a whole vector.
 B, K, L, A, D, H = 4, 3, 11, 37, 45, 6
 
@@ -108,11 +110,7 @@ def test_training_gradients_are_the_same_with_and_without_kernels(kernels, grid_
     """Show, Attend and Tell's teacher-forced loss and every gradient, fused kernels against PyTorch's path."""
     torch.manual_seed(0)
     dec = ShowAttendTellDecoder(vocab_size=20, feature_dim=D, embed_dim=8, hidden_dim=H, attention_dim=A, dropout=0.0)
-    lengths = torch.tensor([9, 4, 7, 9, 2])
-    tokens = torch.randint(4, 20, (5, 9))
-    tokens[:, 0] = 1
-    for i, n in enumerate(lengths.tolist()):
-        tokens[i, n - 1], tokens[i, n:] = 2, 0
+    tokens, lengths = random_captions(5, 9, vocab=20, seed=4)  # unsorted lengths
     grid = torch.randn(5, L, D, requires_grad=grid_grad)
     params = [*dec.parameters()] + ([grid] if grid_grad else [])
 
