@@ -220,7 +220,7 @@ def caption_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens (B, T) and lengths (B,) of COCO-like captions: about 10.5 words (sd 2.5, 6–22) + <bos>/<eos>.
 
-    ``longest_first``: rows sorted by length, as capattn's ``LengthBucketBatchSampler`` delivers them.
+    ``longest_first``: rows sorted by length, longest first, as capattn's batch samplers deliver them.
     """
     g = torch.Generator().manual_seed(seed)
     words = (torch.randn(batch, generator=g) * 2.5 + mean_words).round().clamp(6, 22).long()
@@ -256,12 +256,19 @@ def sat_train_flops(
     at every word with ``keys_every_step`` (what the tutorial-style baseline computes).
     Elementwise work is not counted.
     """
+    words = float((lengths - 1).sum())
+    per_word, keys = _sat_macs(feature_dim, sizes)
+    keys *= words if keys_every_step else lengths.shape[0]  # per word: the tutorial-style baseline
+    return 2 * (3 * words * per_word + (3 if grid_grad else 2) * keys)
+
+
+def _sat_macs(feature_dim: int, sizes: dict[str, int]) -> tuple[float, float]:
+    """Show, Attend and Tell's multiply-adds per hypothesis and word (the attention query, f_β, energy
+    and context, the LSTM's matmuls, the deep output layer and L_o), and those of one image's keys W_a a_i."""
     s = {**PAPER, **sizes}
     d, e, h, a, v, loc = feature_dim, s["embed_dim"], s["hidden_dim"], s["attention_dim"], s["vocab"], s["grid"]
-    words = float((lengths - 1).sum())
-    per_word = h * a + h + loc * a + loc * d + (e + d) * 4 * h + h * 4 * h + h * e + d * e + e * v  # MACs
-    keys = (words if keys_every_step else lengths.shape[0]) * loc * d * a  # per word: the tutorial-style baseline
-    return 2 * (3 * words * per_word + (3 if grid_grad else 2) * keys)
+    per_word = h * a + h + loc * a + loc * d + (e + d) * 4 * h + h * 4 * h + h * e + d * e + e * v
+    return per_word, loc * d * a
 
 
 def show_tell_train_flops(lengths: torch.Tensor, feature_dim: int, **sizes: int) -> float:
@@ -281,10 +288,7 @@ def sat_decode_macs(feature_dim: int, steps: int, beams: int, *, keys_every_step
     also runs one hypothesis, not K), or per hypothesis at every word (the tutorial-style baseline).
     Assumes no beam ends early (untrained weights).
     """
-    s = {**PAPER, **sizes}
-    d, e, h, a, v, loc = feature_dim, s["embed_dim"], s["hidden_dim"], s["attention_dim"], s["vocab"], s["grid"]
-    per_word = h * a + h + loc * a + loc * d + (e + d) * 4 * h + h * 4 * h + h * e + d * e + e * v
-    keys = loc * d * a
+    per_word, keys = _sat_macs(feature_dim, sizes)
     if keys_every_step:
         return steps * beams * (keys + per_word)
     return keys + (1 + (steps - 1) * beams) * per_word if beams > 1 else keys + steps * per_word
