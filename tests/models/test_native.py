@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import platform
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +19,23 @@ from ..conftest import random_captions
 
 # Odd sizes, so that no loop of the kernels ends on a whole vector.
 B, K, L, A, D, H = 4, 3, 11, 37, 45, 6
+
+
+# The kernels have an AVX-512 path and a portable one (plain C the compiler vectorises): on an x86
+# CPU the formula tests run against both, the portable one built with AVX-512 turned off.
+BUILDS = ["default"] + (["portable"] if platform.machine() in ("x86_64", "AMD64") else [])
+
+
+@pytest.fixture(params=BUILDS)
+def build(request, monkeypatch):
+    """The kernels built as on this CPU, and (x86) without AVX-512; skips where they cannot be built."""
+    monkeypatch.setenv("CAPATTN_NATIVE", "1")
+    monkeypatch.setenv("CAPATTN_NATIVE_CFLAGS", "-mno-avx512f" if request.param == "portable" else "")
+    native.kernels.cache_clear()
+    if native.kernels() is None:
+        pytest.skip("the fused attention kernels cannot be built here (capattn.models.native logged why)")
+    yield request.param
+    native.kernels.cache_clear()
 
 
 @pytest.fixture
@@ -40,7 +59,7 @@ def formula_energy(keys, query, w, bias):
     return torch.tanh(keys.double().unsqueeze(1) + query.double().unsqueeze(2)) @ w.double() + bias
 
 
-def test_energy_and_context_match_the_formula(kernels):
+def test_energy_and_context_match_the_formula(build):
     g = torch.Generator().manual_seed(0)
     keys, query = torch.randn(B, L, A, generator=g), torch.randn(B, K, A, generator=g)
     w, grid = torch.randn(A, generator=g), torch.randn(B, L, D, generator=g)
@@ -50,7 +69,7 @@ def test_energy_and_context_match_the_formula(kernels):
     torch.testing.assert_close(native.context(grid, alpha), torch.bmm(alpha, grid), rtol=1e-5, atol=1e-5)
 
 
-def test_energy_backward_matches_autograd_and_adds_into_the_rows_it_is_given(kernels):
+def test_energy_backward_matches_autograd_and_adds_into_the_rows_it_is_given(build):
     rows = 3  # of B: the shrinking batch of a time step
     g = torch.Generator().manual_seed(1)
     keys = torch.randn(B, L, A, generator=g)
@@ -69,7 +88,7 @@ def test_energy_backward_matches_autograd_and_adds_into_the_rows_it_is_given(ker
     assert torch.equal(keys_grad[rows:], before[rows:])  # rows that have ended are left alone
 
 
-def test_energy_backward_is_the_same_on_every_run(kernels):
+def test_energy_backward_is_the_same_on_every_run(build):
     """w's gradient is summed per thread, then over threads in order: no dependence on timing."""
     g = torch.Generator().manual_seed(2)
     keys, query = torch.randn(32, L, A, generator=g), torch.randn(32, A, generator=g)
@@ -79,11 +98,44 @@ def test_energy_backward_is_the_same_on_every_run(kernels):
         assert torch.equal(d_query, runs[0][0]) and torch.equal(d_w, runs[0][1])
 
 
-def test_nan_and_infinity_propagate_as_in_pytorch(kernels):
+def test_nan_and_infinity_propagate_as_in_pytorch(build):
     keys, query, w = torch.zeros(1, 3, A), torch.zeros(1, 1, A), torch.ones(A)
     keys[0, 0, 5], keys[0, 1, 5] = float("nan"), float("inf")
     energy = native.energy(keys, query, w, 0.0)[0, 0]
-    assert energy[0].isnan() and energy[1] == 1.0 and energy[2] == 0.0  # tanh(inf) = 1
+    assert energy[0].isnan() and abs(float(energy[1]) - 1.0) < 1e-6 and energy[2] == 0.0  # tanh(inf) = 1
+    y = native.tanh(torch.tensor([float("nan"), float("inf"), -float("inf")] * 7))  # both the 16-wide and the scalar code
+    assert y[0::3].isnan().all() and torch.allclose(y[1::3], torch.ones(7)) and torch.allclose(y[2::3], -torch.ones(7))
+
+
+def test_tanh_is_within_a_few_ulp_of_the_exact_value(build):
+    """The kernels' rational tanh against float64 tanh, in units in the last place of float32."""
+    x = torch.linspace(-12.0, 12.0, 2_000_003)  # not a multiple of 16: the vector code and the scalar tail
+    y = native.tanh(x).double().numpy()
+    exact = np.tanh(x.double().numpy())
+    nonzero = exact != 0
+    ulp = np.abs(y - exact)[nonzero] / np.spacing(np.abs(exact[nonzero]).astype(np.float32))
+    assert ulp.max() <= 8 and ulp.mean() < 1.5, (ulp.max(), ulp.mean())
+    assert np.abs(y).max() <= 1 + 2 * 2**-23  # at most two ULP above 1
+    assert torch.equal(native.tanh(-x), -native.tanh(x))  # odd
+
+
+def test_topk_matches_torch(build):
+    g = torch.Generator().manual_seed(5)
+    for rows, width, k in [(7, 37, 3), (3, 5, 5), (2, 40, 1), (11, 1000, 17)]:
+        x = torch.randn(rows, width, generator=g)
+        x[0, 3] = float("-inf")  # ruled-out words
+        values, indices = native.topk(x, k)
+        expected = x.topk(k, dim=-1)
+        assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+
+
+def test_topk_keeps_the_lower_index_first_on_ties_and_ranks_nan_first(build):
+    x = torch.tensor([[1.0, float("nan"), 3.0, 3.0, float("-inf"), float("nan"), 3.0] + [0.0] * 20])
+    values, indices = native.topk(x, 5)
+    assert indices.tolist() == [[1, 5, 2, 3, 6]]
+    assert values[0, :2].isnan().all() and values[0, 2:].tolist() == [3.0, 3.0, 3.0]
+    with pytest.raises(ValueError, match="k=28"):
+        native.topk(x, 28)
 
 
 def attention_pair(seed: int = 0):
