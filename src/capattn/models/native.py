@@ -5,8 +5,8 @@ PyTorch runs as several passes over memory; the C kernels do it in one, forward 
 with a rational tanh (at most 6 float32 ULP from the exact value). The beams' context Σ α·grid
 streams each image's grid once for its K hypotheses, and beam search's top-k over (B·K, V)
 log-probabilities is one pass per row. Measured on a 2-core AVX-512 CPU at the paper's sizes,
-per word of a beam-5 search over 100 images: the energy 15 → 5.6 ms, the context 10 → 7 ms,
-the top-k 3.1 → 0.5 ms (README, "Speed").
+per word of a beam-5 search over 100 images, against PyTorch: the energy 15 → 7.6 ms, the
+context 10.3 → 8 ms, the top-k 3.1 → 0.9 ms (README, "Speed").
 
 The first process that needs them compiles the C file with the system compiler (``$CC``, else
 ``cc``; about a second) into ``$CAPATTN_CACHE_DIR`` (default ``~/.cache/capattn``), under a name
