@@ -12,7 +12,7 @@ The first process that needs them compiles the C file with the system compiler (
 ``cc``; about a second) into ``$CAPATTN_CACHE_DIR`` (default ``~/.cache/capattn``), under a name
 that hashes the source, the flags and this CPU: a cache shared by machines with different CPUs
 (``-march=native``) never loads a library built for another one. ``CAPATTN_NATIVE_CFLAGS`` adds
-compiler flags (e.g. ``-march=x86-64-v3`` for one build that every node of a cluster can run).
+compiler flags (e.g. ``-mno-avx512f`` builds the portable code, as the tests do on x86).
 Where no compiler or OpenMP is found, one warning says so and attention runs in PyTorch: the same
 results to float rounding, slower. ``CAPATTN_NATIVE=0`` turns the kernels off.
 
