@@ -51,7 +51,10 @@ def cache_dir() -> Path:
 
 
 def _flags() -> list[str]:
-    flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
+    # -fno-trapping-math lets the compiler turn the tanh's clamps into vector selects (nothing here
+    # reads floating-point exception flags): without it the portable code did not vectorise, and
+    # its energy took 49 ms for a beam-5 word over 100 images on AVX2 instead of 11.
+    flags = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
     if platform.machine() in ("x86_64", "AMD64"):
         flags.append("-mprefer-vector-width=512")  # 16 lanes where the CPU has AVX-512
     return flags + shlex.split(os.environ.get("CAPATTN_NATIVE_CFLAGS", ""))
