@@ -69,6 +69,13 @@ def test_energy_and_context_match_the_formula(build):
     torch.testing.assert_close(native.context(grid, alpha), torch.bmm(alpha, grid), rtol=1e-5, atol=1e-5)
 
 
+def test_grid_times_matches_the_formula(build):
+    g = torch.Generator().manual_seed(6)
+    grid, vectors = torch.randn(B, L, D, generator=g), torch.randn(B, D, generator=g)
+    expected = torch.einsum("bld,bd->bl", grid.double(), vectors.double())
+    torch.testing.assert_close(native.grid_times(grid, vectors).double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_energy_backward_matches_autograd_and_adds_into_the_rows_it_is_given(build):
     rows = 3  # of B: the shrinking batch of a time step
     g = torch.Generator().manual_seed(1)

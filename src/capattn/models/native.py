@@ -119,6 +119,8 @@ def kernels() -> ctypes.CDLL | None:
     lib.capattn_context.restype = None
     lib.capattn_topk.argtypes = [_PTR] * 3 + [_LONG] * 3
     lib.capattn_topk.restype = None
+    lib.capattn_grid_times.argtypes = [_PTR] * 3 + [_LONG] * 3
+    lib.capattn_grid_times.restype = None
     lib.capattn_tanh.argtypes = [_PTR, _PTR, _LONG]
     lib.capattn_tanh.restype = None
     return lib
@@ -189,6 +191,15 @@ def context(grid: Tensor, alpha: Tensor) -> Tensor:
     (batch, locations, dim), k = grid.shape, alpha.shape[1]
     out = grid.new_empty(batch, k, dim)
     kernels().capattn_context(_ptr(grid), _ptr(alpha), _ptr(out), batch, k, locations, dim)
+    return out
+
+
+def grid_times(grid: Tensor, vectors: Tensor) -> Tensor:
+    """Each image's grid times its own vector, without autograd: (b, L, D), (b, D) → (b, L)."""
+    grid, vectors = grid.contiguous(), vectors.contiguous()
+    (batch, locations, dim) = grid.shape
+    out = grid.new_empty(batch, locations)
+    kernels().capattn_grid_times(_ptr(grid), _ptr(vectors), _ptr(out), batch, locations, dim)
     return out
 
 
