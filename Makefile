@@ -16,8 +16,12 @@ help:  ## list the targets
 $(BIN)/capattn: pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# constraints.txt pins torch/torchvision, so pip never pulls a multi-GB CUDA torch
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	# constraints.txt pins torch/torchvision, so pip never pulls a multi-GB CUDA torch. pip
+	# byte-compiles what it installs on one core; compileall does the same on all of them (the
+	# install of a fresh clone: 50 s against 56 s on 2 cores). Files that do not compile (test
+	# fixtures inside some packages) are skipped, as pip skips them.
+	$(BIN)/pip install --quiet --no-compile -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $@
 
 install: $(BIN)/capattn  ## create .venv and install capattn with its dev tools
