@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -416,16 +417,23 @@ def test_decoding_flushes_denormals_only_while_it_runs(before, search):
         torch.set_flush_denormal(False)
 
 
+@pytest.mark.parametrize("features", [torch.float32, torch.bfloat16], ids=["fp32_features", "bf16_features"])
 @pytest.mark.parametrize("search", ["greedy", "beam"])
-def test_decoding_runs_under_bf16_autocast(search):
-    """The bf16 switch (trainer.precision=bf16-mixed) decodes too: the in-place fast path steps aside."""
-    dec = make("show_attend_tell").float()  # autocast leaves float64 alone
-    enc = EncoderOutput(grid=encoded(3).grid.float(), pooled=encoded(3).pooled.float())
+def test_decoding_runs_under_bf16_autocast(search, features):
+    """The bf16 switch (trainer.precision=bf16-mixed) decodes too: the in-place fast path steps aside.
+    Under Lightning the encoder runs in autocast too, so the features arrive in bf16 (as on the GPU,
+    where a bf16 run once failed in validation); the scores are summed in float32 all the same, and
+    images that finish early (compacted out of the batch) keep theirs."""
+    dec = copy.deepcopy(ragged_decoder("show_attend_tell")).float()  # autocast leaves float64 alone
+    grid = ragged_images(64, seed=7)[0].grid.to(features)
+    enc = EncoderOutput(grid=grid, pooled=grid.mean(1))
     run = greedy if search == "greedy" else functools.partial(beam_search, beam_size=3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = run(dec, enc, max_len=5, **SPECIAL)
-    assert out.tokens.shape[:2] == (3, 1 if search == "greedy" else 3) and out.tokens.shape[2] <= 5
-    assert torch.isfinite(out.scores).all() and out.alphas is not None
+        out = run(dec, enc, max_len=12, **SPECIAL)
+    assert out.tokens.shape[:2] == (64, 1 if search == "greedy" else 3) and out.tokens.shape[2] <= 12
+    assert out.scores.dtype == torch.float32 and torch.isfinite(out.scores).all() and out.alphas is not None
+    lengths = (out.tokens[:, 0] != PAD).sum(-1)
+    assert lengths.unique().numel() > 2  # images left the batch at different steps: compaction ran
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["adam", "fused_adam"])

@@ -107,6 +107,38 @@ def test_two_cpu_runs_with_the_same_seed_give_identical_weights_and_metrics(tmp_
     assert (runs / "a/metrics.csv").read_text() == (runs / "b/metrics.csv").read_text()
 
 
+def test_bf16_mixed_precision_trains_validates_and_tests(tmp_path, monkeypatch):
+    """``--trainer.precision=bf16-mixed`` (the GPU switch; CPU autocast here) runs fit, validation
+    decoding and test end to end, and the decoded captions are scored."""
+    import json
+    from pathlib import Path
+
+    from capattn.cli import main
+
+    from .conftest import REPO_ROOT
+
+    monkeypatch.chdir(tmp_path)
+    small = [a for a in SMALL_DEMO_RUN if not a.startswith("--test_after_fit")]
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO_ROOT / "experiments" / "demo_show_attend_tell.yaml"),
+            "--trainer.accelerator=cpu",
+            "--trainer.precision=bf16-mixed",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--model.test_scorers=[bleu,cider]",
+            *small,
+            "--run_name=bf16",
+        ]
+    )
+    run = Path("runs/demo/show_attend_tell/bf16")
+    assert (run / "checkpoints/last.ckpt").exists()
+    metrics = json.loads((run / "metrics_test.json").read_text())["metrics"]
+    assert set(metrics) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D"}
+
+
 def _nan_run(nonfinite_loss: str, tmp_path):
     """Trains on 3 batches of cached features; the second holds NaN (a corrupt feature file)."""
     from capattn.data.records import CaptionBatch

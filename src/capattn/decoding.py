@@ -117,6 +117,13 @@ def _topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return x.topk(k, dim=-1)
 
 
+def _score_dtype(enc: EncoderOutput) -> torch.dtype:
+    """Captions' summed log-probabilities: float32 at least. Under mixed precision the encoder's
+    features are bf16/fp16 while log-softmax runs in float32; summing 20 words in bf16 (8 bits of
+    mantissa) would also tie beams that differ."""
+    return torch.promote_types(enc.pooled.dtype, torch.float32)
+
+
 def _select(tree: Any, index: Tensor) -> Any:
     return tree_map(lambda x: x.index_select(0, index), tree)
 
@@ -144,8 +151,9 @@ def _one_token_at_a_time(
     active = torch.arange(batch, device=device)  # (b,) original rows still in the batch
     tokens = torch.full((batch,), bos, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    scores = torch.zeros(batch, device=device, dtype=enc.pooled.dtype)
-    final_scores = torch.zeros(batch, device=device, dtype=enc.pooled.dtype)
+    dtype = _score_dtype(enc)
+    scores = torch.zeros(batch, device=device, dtype=dtype)
+    final_scores = torch.zeros(batch, device=device, dtype=dtype)
     out_tokens, out_alphas = [], []
     for _ in range(max_len):
         out = decoder.step(tokens, state, mem)
@@ -259,7 +267,7 @@ def beam_search(
     if beam_size < 1:
         raise ValueError(f"beam_size must be ≥ 1, got {beam_size}")
     batch, k = enc.pooled.shape[0], beam_size
-    device, dtype = enc.pooled.device, enc.pooled.dtype
+    device, dtype = enc.pooled.device, _score_dtype(enc)
     mem = decoder.prepare(enc)  # (B, …): computed once per image
     # Every beam of an image starts as the same empty caption, so the first step runs one hypothesis
     # per image (``live`` = 1) and its K best words become the K beams. (With fewer words than
