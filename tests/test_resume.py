@@ -128,6 +128,19 @@ def test_sigterm_saves_exits_75_and_resumes_exactly(workdir, uninterrupted):
     assert_same_training(uninterrupted, last_state(Path("T"), workdir))
 
 
+def test_more_epochs_from_an_end_of_epoch_checkpoint_equals_uninterrupted(workdir, uninterrupted):
+    """A finished run continued with a higher ``max_epochs`` (as a kill between epochs): Lightning
+    restores no loader state there and makes the next epoch's loader before any hook, which must
+    still draw that epoch's order, not epoch 0's again."""
+    first = fit(Path("E"), "--trainer.max_epochs=1", cwd=workdir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert last_state(Path("E"), workdir)["global_step"] == STEPS_PER_EPOCH
+
+    done = fit(Path("E"), "--ckpt_path=last", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_training(uninterrupted, last_state(Path("E"), workdir))
+
+
 def test_ckpt_path_last_without_checkpoint_starts_from_scratch(workdir, uninterrupted):
     """A requeued job's command never changes: `--ckpt_path last` the first time trains from step 0."""
     done = fit(Path("F"), "--ckpt_path=last", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", cwd=workdir)

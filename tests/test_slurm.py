@@ -48,6 +48,16 @@ def _restore_rank_zero(monkeypatch):
         monkeypatch.setattr(module.rank_zero_only, "rank", getattr(module.rank_zero_only, "rank", 0))
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Lightning's SLURMEnvironment writes MASTER_ADDR (here "node1") into os.environ when asked for
+    it; left there, a later test's DDP run dials that host and hangs. Every test leaves os.environ as it found it."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.mark.parametrize("procid", [0, 3])
 @pytest.mark.usefixtures("_restore_rank_zero")
 def test_ranks_come_from_slurm_with_the_ddp_piece(procid, monkeypatch):

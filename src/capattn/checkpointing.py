@@ -223,6 +223,11 @@ class ResumableDataLoader(DataLoader):
         finally:
             skipper.skip = 0
 
+    def end_epoch(self, next_epoch: int) -> None:
+        """Every batch of the epoch is trained on: a checkpoint saved from now on resumes at the first
+        batch of ``next_epoch`` (not after the last batch of this one, whose order it would reuse)."""
+        self.epoch, self.batches_done = next_epoch, 0
+
     def state_dict(self) -> dict[str, int]:
         """Seed, epoch and batches of it trained on (Lightning saves this in every checkpoint)."""
         return {"seed": self.seed, "epoch": self.epoch, "batches_done": self.batches_done}
@@ -302,16 +307,34 @@ class ExactResume(_callback_base()):
     checkpoint ends with the same weights as an uninterrupted run (CPU, same seed). On GPU, cuDNN and
     atomics stay nondeterministic unless ``trainer.deterministic=true``; under DDP each rank's random
     state is not saved (rank 0's is).
+
+    Lightning restores a loader's own state only when it resumes inside an epoch; from a checkpoint
+    saved after an epoch's last batch (at its end, or by SIGTERM between epochs) it starts the next
+    epoch with a new loader, whose first iterator it makes before any callback hook runs. So this
+    callback keeps the data position too, and ``adopt`` hands it to the loader the datamodule makes.
     """
 
     def __init__(self) -> None:
         self._pending_rng: dict[str, Any] | None = None
+        self._pending_loaders: list[dict[str, int]] = []
+        self._trainer: Any = None
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._trainer = trainer
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": _rng_state()}
+        loaders = _train_loaders(self._trainer) if self._trainer is not None else []
+        return {"rng": _rng_state(), "loaders": [loader.state_dict() for loader in loaders]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_rng = state_dict.get("rng")
+        self._pending_loaders = list(state_dict.get("loaders", []))
+
+    def adopt(self, loader: Any) -> Any:
+        """``loader`` (a new train loader) continues where the loaded checkpoint's left off."""
+        if self._pending_loaders and isinstance(loader, ResumableDataLoader):
+            loader.load_state_dict(self._pending_loaders.pop(0))
+        return loader
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # Restored here, after Lightning's set-up has drawn whatever random numbers it draws,
@@ -323,14 +346,16 @@ class ExactResume(_callback_base()):
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         for loader in _train_loaders(trainer):
             loader.batches_done = 0
-            if loader.epoch != trainer.current_epoch:  # the next epoch's iterator is made after this hook
-                loader.set_epoch(trainer.current_epoch)
+            loader.set_epoch(trainer.current_epoch)  # for an iterator made after this hook
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Before any checkpoint callback of this hook saves (Lightning runs those last).
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         for loader in _train_loaders(trainer):
-            loader.batches_done = done
+            if done >= trainer.num_training_batches:
+                loader.end_epoch(trainer.current_epoch + 1)
+            else:
+                loader.batches_done = done
 
 
 # --- bad numbers ------------------------------------------------------------------------------

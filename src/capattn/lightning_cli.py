@@ -549,13 +549,14 @@ class CaptioningCLI(LightningCLI):
         if self.subcommand == "fit" and checkpointing:
             last = LastCheckpoint(every_n_train_steps=cfg.checkpoint_every_n_steps)
             # ExactResume counts each trained batch before any checkpoint callback saves (they run in list order).
-            trainer.callbacks.insert(0, ExactResume())
+            exact = ExactResume()
+            trainer.callbacks.insert(0, exact)
             trainer.callbacks.insert(0, StopOnNonFinite())
             trainer.callbacks.append(last)
             self._last = last
-            # Any train loader the datamodule gives starts an epoch where a checkpoint left off.
+            # Any train loader the datamodule gives starts where a checkpoint left off.
             datamodule, make = self.datamodule, self.datamodule.train_dataloader
-            datamodule.train_dataloader = lambda: resumable(make())
+            datamodule.train_dataloader = lambda: exact.adopt(resumable(make()))
         if self._kept_metrics is not None:
             trainer.callbacks.insert(0, self._kept_metrics)
         self.model.untrained = self.subcommand != "fit" and not cfg.get("ckpt_path")
