@@ -46,8 +46,15 @@ test: install  ## run the fast test suite
 test-full: install  ## run every test, the slow end-to-end ones too
 	$(BIN)/pytest -q -m ''
 
+gpu-check: install  ## on a CUDA machine: GPU-vs-CPU tests, bench_gpu.py, the demo in bf16-mixed
+	@$(BIN)/python -c "import capattn, torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check: no CUDA GPU visible to torch here')"
+	$(BIN)/pytest -q tests/models/test_cuda.py
+	$(BIN)/python benchmarks/bench_gpu.py
+	$(CAPATTN) fit --config experiments/demo_show_attend_tell.yaml --trainer.accelerator=gpu \
+		--trainer.precision=bf16-mixed --model.decoder.init_args.compile_step=true --run_name=gpu-bf16
+
 lint: install  ## ruff: lint and format check
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
-.PHONY: help install demo test test-full lint
+.PHONY: help install demo test test-full gpu-check lint
