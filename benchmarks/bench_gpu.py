@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,12 +38,36 @@ from _common import (  # noqa: E402
     median,
     results_title,
     sat_train_flops,
+    sync,
 )
 
 from capattn.decoding import beam_search, greedy  # noqa: E402
 from capattn.models.decoders import ShowAttendTellDecoder  # noqa: E402
 
 SPECIAL = dict(bos=1, eos=2, pad=0)
+
+
+def device_work(fn: Callable[[], object], device: torch.device, calls: int = 3) -> tuple[float, float]:
+    """(launches, seconds of device work) per call of ``fn``, from torch.profiler: on a GPU the CUDA
+    kernels and copies and their summed durations; on a CPU (``--quick``) the top-level aten ops and
+    their CPU time. Against the call's wall time this says whether it waits on launches or on maths."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    if cuda:
+        work = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        busy_us = sum(e.device_time for e in work)
+    else:
+        work = [e for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None]
+        busy_us = sum(e.cpu_time_total for e in work)
+    return len(work) / calls, busy_us / 1e6 / calls
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,8 +133,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"{COCO_TRAIN_CAPTIONS / batch * seconds:.0f} s",
             ]
         )
+    for (precision, seconds), row in zip(t.items(), rows, strict=True):
+        launches, busy = device_work(train(precision), device)
+        row += [f"{launches:,.0f}", f"{1000 * busy:.1f} ({100 * busy / seconds:.0f}%)"]
     table1 = markdown_table(
-        ["precision", f"ms/step (B={batch})", "captions/s", "TFLOP/s (% of matmul peak)", "COCO epoch"], rows
+        [
+            "precision",
+            f"ms/step (B={batch})",
+            "captions/s",
+            "TFLOP/s (% of matmul peak)",
+            "COCO epoch",
+            "kernels/step" if device.type == "cuda" else "ops/step",
+            "device busy ms (% of step)",
+        ],
+        rows,
     )
     print(table1)
 

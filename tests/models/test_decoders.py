@@ -288,3 +288,21 @@ def test_decoding_step_computes_the_output_layer_of_the_autograd_step(decoder):
     torch.testing.assert_close(after, step(True))
     shift = (after[:, 5] - after[:, 4]) - (before[:, 5] - before[:, 4])  # word 5's logit, against word 4's
     torch.testing.assert_close(shift, torch.full_like(shift, 3.0))
+
+
+def test_under_autocast_the_grid_is_cast_once_as_bf16_features_would_be():
+    """Under bf16 autocast the attention decoder casts fp32 features once per batch (each word's
+    bmm(α, grid) would otherwise cast the whole grid again): the logits are exactly those of the
+    same features handed over in bf16."""
+    torch.manual_seed(0)
+    decoder = DECODERS["show_attend_tell"]().eval()
+    tokens, lengths = captions()
+    grid = torch.randn(B, L, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mem = decoder.prepare(EncoderOutput(grid=grid, pooled=grid.mean(1)))
+        assert mem.grid.dtype == torch.bfloat16
+        from_fp32 = decoder(EncoderOutput(grid=grid, pooled=grid.mean(1)), tokens, lengths)
+        low = grid.bfloat16()
+        from_bf16 = decoder(EncoderOutput(grid=low, pooled=low.mean(1)), tokens, lengths)
+    assert torch.equal(from_fp32.logits, from_bf16.logits)
+    assert torch.isfinite(from_fp32.logits).all()
