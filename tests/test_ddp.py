@@ -26,6 +26,9 @@ TINY = [
     "--model.tokenizer=simple",
 ]
 DDP = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+# The one-process runs compared with DDP's: on the CPU too (the demo config's ``accelerator: auto``
+# would put them on a GPU where there is one, and a GPU's float rounding is not the CPU's).
+ONE_PROCESS = ["--trainer.accelerator=cpu", "--trainer.devices=1"]
 
 
 def _newest(root: Path, name: str) -> Path:
@@ -84,7 +87,7 @@ def test_ddp_test_equals_a_one_process_test_of_the_same_checkpoint(ddp_run, monk
     ckpt = ddp["metrics"]["checkpoint"]
     monkeypatch.chdir(root)
     assert Path(ckpt).is_file()
-    main(["test", "--config", str(CONFIG), "--ckpt_path", ckpt, *TINY])
+    main(["test", "--config", str(CONFIG), "--ckpt_path", ckpt, *ONE_PROCESS, *TINY])
     one = _outputs(_newest(root, "metrics_test.json").parent)
     assert one["metrics"]["images"] == 7
     assert ddp["metrics"]["metrics"] == pytest.approx(one["metrics"]["metrics"], rel=1e-9, abs=1e-12)
@@ -112,7 +115,7 @@ def test_ddp_predict_writes_one_file_in_input_order_equal_to_one_process(ddp_run
     assert not [p for p in root.rglob("rank*") if "data" not in p.relative_to(root).parts[:1]]  # no shards
     ddp_predictions = json.loads(_newest(root, "predictions.json").read_text())
     monkeypatch.chdir(root)
-    main(predict)
+    main([*predict, *ONE_PROCESS])
     one_predictions = json.loads(_newest(root, "predictions.json").read_text())
     assert ddp_predictions == one_predictions and len(one_predictions) == 7
     ids = [p["image_id"] for p in one_predictions]
