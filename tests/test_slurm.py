@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import lightning as L
 import pytest
@@ -52,10 +53,8 @@ def _restore_rank_zero(monkeypatch):
 def _restore_environ():
     """Lightning's SLURMEnvironment writes MASTER_ADDR (here "node1") into os.environ when asked for
     it; left there, a later test's DDP run dials that host and hangs. Every test leaves os.environ as it found it."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+    with mock.patch.dict(os.environ):
+        yield
 
 
 @pytest.mark.parametrize("procid", [0, 3])

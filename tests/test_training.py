@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
+from capattn.cli import main
 from capattn.data.datamodule import CaptionDataModule
 from capattn.data.synthetic import ShapesReader
 from capattn.models.decoders import ShowAttendTellDecoder, ShowTellDecoder
 from capattn.models.encoder import ImageEncoder
 from capattn.module import CaptioningModule, with_fused_cpu_kernel
+
+from .conftest import REPO_ROOT
 
 
 def train_briefly(decoder_cls, tmp_path) -> tuple[list[float], dict, dict]:
@@ -80,12 +85,6 @@ SMALL_DEMO_RUN = [
 
 
 def test_two_cpu_runs_with_the_same_seed_give_identical_weights_and_metrics(tmp_path, monkeypatch):
-    from pathlib import Path
-
-    from capattn.cli import main
-
-    from .conftest import REPO_ROOT
-
     monkeypatch.chdir(tmp_path)
     args = [
         "fit",
@@ -110,13 +109,6 @@ def test_two_cpu_runs_with_the_same_seed_give_identical_weights_and_metrics(tmp_
 def test_bf16_mixed_precision_trains_validates_and_tests(tmp_path, monkeypatch):
     """``--trainer.precision=bf16-mixed`` (the GPU switch; CPU autocast here) runs fit, validation
     decoding and test end to end, and the decoded captions are scored."""
-    import json
-    from pathlib import Path
-
-    from capattn.cli import main
-
-    from .conftest import REPO_ROOT
-
     monkeypatch.chdir(tmp_path)
     small = [a for a in SMALL_DEMO_RUN if not a.startswith("--test_after_fit")]
     main(
@@ -196,12 +188,6 @@ def test_nan_loss_can_be_skipped_and_counted(tmp_path):
 
 def test_nan_in_a_resumed_checkpoint_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     """NaN injected into a run's last.ckpt: resuming it stops at once, one line, naming the step and checkpoint."""
-    from pathlib import Path
-
-    from capattn.cli import main
-
-    from .conftest import REPO_ROOT
-
     monkeypatch.chdir(tmp_path)
     args = [
         "fit",
