@@ -288,6 +288,53 @@ def test_finished_images_stop_costing_work(search):
     assert out.tokens.shape[-1] == len(dec.rows) < 30  # …and the search ends when every image has
 
 
+class Ragged(Counting):
+    """``Counting`` that lets beam search leave ended beams out, and records each step's tokens."""
+
+    def __init__(self, inner: CaptionDecoder):
+        super().__init__(inner)
+        self.tokens: list[torch.Tensor] = []
+
+    def ragged_memory(self, mem, counts):
+        return self.inner.ragged_memory(mem, counts)
+
+    def step(self, tokens, state, mem):
+        self.tokens.append(tokens.clone())
+        return super().step(tokens, state, mem)
+
+
+@pytest.mark.parametrize("kind", ["show_tell", "show_attend_tell"])
+def test_ended_beams_stop_costing_work(kind, monkeypatch):
+    """An image's beams end at different words: once a tenth of a step's rows have ended, the steps
+    run only the live ones, with the same captions as when every beam runs to the end."""
+    dec = ragged_decoder(kind)
+    enc, _ = ragged_images(40, seed=7)
+    if kind == "show_attend_tell":  # its ragged attention runs in the fused CPU kernels: float32
+        from capattn.models import native
+
+        if native.kernels() is None:
+            pytest.skip("the fused attention kernels cannot be built here (capattn.models.native logged why)")
+        dec = copy.deepcopy(dec).float()
+        enc = EncoderOutput(grid=enc.grid.float(), pooled=enc.pooled.float())
+    args = dict(beam_size=4, max_len=12, **SPECIAL)
+    ragged = Ragged(dec)
+    with torch.no_grad():
+        got = beam_search(ragged, enc, **args)
+        monkeypatch.setattr("capattn.decoding._RAGGED_BEAMS", False)
+        every = Ragged(dec)
+        expected = beam_search(every, enc, **args)
+    assert torch.equal(got.tokens, expected.tokens)
+    torch.testing.assert_close(got.scores, expected.scores)
+    if expected.alphas is not None:
+        torch.testing.assert_close(got.alphas, expected.alphas)
+    # an ended beam's token is <eos> (it just ended) or <pad>: a step that runs them all has them
+    ended = [int(((t == EOS) | (t == PAD)).sum()) for t in every.tokens]
+    assert ragged.rows == [r - e if e >= 0.1 * r else r for r, e in zip(every.rows, ended, strict=True)]
+    assert sum(ragged.rows) < sum(every.rows)
+    left_out = [t for t, r, full in zip(ragged.tokens, ragged.rows, every.rows, strict=True) if r < full]
+    assert not any(((t == EOS) | (t == PAD)).any() for t in left_out)  # those steps ran live beams only
+
+
 # --- references: the decoding loops as they were before the speed work, kept verbatim -----------
 
 

@@ -103,6 +103,9 @@ def _denormals_flushed() -> Iterator[None]:
 # fraction of its rows has finished: finished rows stop costing work, and the memory (an image's
 # grid and keys) is copied O(log B) times rather than at every step.
 _COMPACT_FRACTION = 0.1
+# Beam search leaves ended beams out of its steps where the decoder allows it (off: tests and
+# benchmarks compare the two; the captions are the same).
+_RAGGED_BEAMS = True
 
 
 def _needs_compaction(finished: int, rows: int) -> bool:
@@ -250,8 +253,11 @@ def beam_search(
     the search stops when every beam of every image has ended or after ``max_len`` tokens, in
     which case unfinished beams are returned as they are (no ``<eos>``). Final hypotheses are
     ranked by score / length_penalty(length, ``length_alpha``). An image whose K beams have all
-    ended leaves the batch (see ``_COMPACT_FRACTION``); each step records only parents and words,
-    and the captions are read back from the final beams at the end.
+    ended leaves the batch (see ``_COMPACT_FRACTION``), and so, where the decoder allows it
+    (``CaptionDecoder.ragged_memory``), does every ended beam of the images still searched: steps
+    run only the beams that have not ended (with a trained model, half the rows of a beam-5 search
+    at COCO's caption lengths). Each step records only parents and words, and the captions are read
+    back from the final beams at the end.
 
     Args:
         decoder: any caption decoder.
@@ -293,14 +299,32 @@ def beam_search(
     alphas: list[Tensor] = []
     for _ in range(max_len):
         b = active.shape[0]
-        out = decoder.step(tokens, state, step_mem)
+        # Ended beams leave the step once they are a tenth of its rows (if the decoder takes a varying
+        # number of hypotheses per image): only the live rows' log-probs, states and attention are
+        # computed, and the ended ones are filled in below with values that are never read.
+        live_rows = ragged_mem = None
+        if _RAGGED_BEAMS and live == k and _needs_compaction(int(done.sum()), b * k):
+            ragged_mem = decoder.ragged_memory(mem, (~done).sum(dim=1))
+        if ragged_mem is not None:
+            live_rows = (~done).view(-1).nonzero().squeeze(1)  # (n,) in 0 … b*K−1
+            out = decoder.step(tokens.index_select(0, live_rows), _select(state, live_rows), ragged_mem)
+        else:
+            out = decoder.step(tokens, state, step_mem)
         # An image's K best continuations are among the K best words of each of its beams (a beam's
         # score adds the same amount to all its words), so top-k runs per beam over V and then over
         # the K×k' survivors, never over a (b, K·V) sum: that sum, its masking and a top-k over
         # K·V per image were a fifth of a beam-5 step.
         logprobs = _forbid(out.logprobs, bos, pad)  # (b*live, V); never words of a caption
         kk = min(k, logprobs.shape[-1])
-        best_lp, best_word = _topk(logprobs, kk)  # (b*live, k')
+        best_lp, best_word = _topk(logprobs, kk)  # (b*live, k'), or (n, k') for the live rows
+        step_state, step_alpha = out.state, out.alpha
+        if live_rows is not None:  # back to b*K rows; an ended row's words and states are never used
+            best_lp = best_lp.new_zeros(b * k, kk).index_copy_(0, live_rows, best_lp)
+            best_word = best_word.new_zeros(b * k, kk).index_copy_(0, live_rows, best_word)
+            if step_alpha is not None:
+                step_alpha = step_alpha.new_zeros(b * k, step_alpha.shape[-1]).index_copy_(0, live_rows, step_alpha)
+            position = torch.zeros(b * k, dtype=torch.long, device=device)  # each row's place among the live
+            position[live_rows] = torch.arange(live_rows.shape[0], device=device)
         candidates = scores.unsqueeze(-1) + best_lp.view(b, live, kk)  # (b, live, k')
         cand_words = best_word.view(b, live, kk)
         # An ended beam may only emit <pad>, at no cost: its score stays as it was.
@@ -315,12 +339,12 @@ def beam_search(
         empty = torch.isneginf(scores)  # (b, K)
         word.masked_fill_(empty, pad)
         rows = (torch.arange(b, device=device).unsqueeze(1) * live + parent).view(-1)  # (b*K,) beams kept
-        state = _select(out.state, rows)
+        state = _select(step_state, rows if live_rows is None else position[rows])
         was_done = done.gather(1, parent)
         parents.append(identity.index_copy(0, active, parent))
         words.append(torch.full_like(identity, pad).index_copy(0, active, word))
-        if out.alpha is not None:
-            alpha = out.alpha.view(b, live, -1).gather(1, parent.unsqueeze(-1).expand(-1, -1, out.alpha.shape[-1]))
+        if step_alpha is not None:
+            alpha = step_alpha.view(b, live, -1).gather(1, parent.unsqueeze(-1).expand(-1, -1, step_alpha.shape[-1]))
             alpha = alpha * (~was_done).unsqueeze(-1)  # (b, K, L); zero after the caption ended
             alphas.append(alpha.new_zeros(batch, k, alpha.shape[-1]).index_copy(0, active, alpha))
         lengths = lengths.gather(1, parent) + (~was_done).float()

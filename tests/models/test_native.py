@@ -69,6 +69,29 @@ def test_energy_and_context_match_the_formula(build):
     torch.testing.assert_close(native.context(grid, alpha), torch.bmm(alpha, grid), rtol=1e-5, atol=1e-5)
 
 
+def test_energy_and_context_take_a_varying_number_of_queries_per_image(build):
+    """Beam search without its ended beams: image b's queries are rows starts[b] … starts[b+1]−1."""
+    g = torch.Generator().manual_seed(1)
+    counts = torch.tensor([3, 0, 1, 2])  # an image with no live hypothesis still in the batch
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    image = torch.repeat_interleave(torch.arange(B), counts)  # (N,) each row's image
+    keys, query = torch.randn(B, L, A, generator=g), torch.randn(int(counts.sum()), A, generator=g)
+    w, grid = torch.randn(A, generator=g), torch.randn(B, L, D, generator=g)
+    energy = native.energy(keys, query, w, -0.5, starts)  # (N, L)
+    expected = formula_energy(keys[image], query.unsqueeze(1), w, -0.5).squeeze(1)  # one query per row's image
+    torch.testing.assert_close(energy.double(), expected, rtol=1e-5, atol=1e-5)
+    alpha = energy.softmax(-1)
+    context = native.context(grid, alpha, starts)  # (N, D)
+    torch.testing.assert_close(context, torch.bmm(alpha.unsqueeze(1), grid[image]).squeeze(1), rtol=1e-5, atol=1e-5)
+    # the same rows with K per image give the same numbers, bit for bit
+    full = torch.randn(B, 3, A, generator=g)
+    full[0], full[2, :1], full[3, :2] = query[:3], query[3:4], query[4:]
+    kept = torch.tensor([0, 1, 2, 6, 9, 10])
+    assert torch.equal(native.energy(keys, full, w, -0.5).view(B * 3, L)[kept], energy)
+    with pytest.raises(ValueError, match="starts must"):
+        native.energy(keys, query, w, 0.0, starts.flip(0))
+
+
 def test_grid_times_matches_the_formula(build):
     g = torch.Generator().manual_seed(6)
     grid, vectors = torch.randn(B, L, D, generator=g), torch.randn(B, D, generator=g)
@@ -207,6 +230,20 @@ def test_searches_give_the_same_captions_with_and_without_kernels(kernels, beam_
     plain = search()
     assert torch.equal(fused.tokens, plain.tokens)
     torch.testing.assert_close(fused.scores, plain.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_only_the_kernels_let_show_attend_tell_leave_ended_beams_out(kernels):
+    """``ragged_memory`` shares the grid (offsets only) where the kernels run, and is None elsewhere."""
+    dec = ShowAttendTellDecoder(vocab_size=30, feature_dim=D, embed_dim=8, hidden_dim=H, attention_dim=A).eval()
+    grid = torch.randn(3, L, D)
+    with torch.no_grad():
+        mem = dec.prepare(EncoderOutput(grid=grid, pooled=grid.mean(1)))
+        ragged = dec.ragged_memory(mem, torch.tensor([2, 0, 1]))
+        assert ragged.grid is mem.grid and ragged.starts.tolist() == [0, 2, 2, 3]
+        doubled = dec.double().prepare(EncoderOutput(grid=grid.double(), pooled=grid.mean(1).double()))
+        assert dec.ragged_memory(doubled, torch.tensor([1, 1, 1])) is None  # float32 only
+        kernels()
+        assert dec.ragged_memory(mem, torch.tensor([2, 0, 1])) is None
 
 
 # --- how the kernels are built ---------------------------------------------------------------------

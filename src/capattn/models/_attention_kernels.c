@@ -99,12 +99,19 @@ static inline float energy1(const float *k, const float *q, const float *w, long
     return s;
 }
 
-/* energy[b, k, l] = sum_a w[a] tanh(keys[b, l, a] + q[b, k, a]) + bias
- * keys (B, L, A), q (B, K, A), w (A), energy (B, K, L). Each key row is read once for its K queries. */
+/* Rows of image b: b*K … (b+1)*K−1, or starts[b] … starts[b+1]−1 where starts is given (beam search
+ * with its ended beams left out: a varying number of hypotheses per image, rows image-major). */
+#define FIRST_ROW(b) (starts ? starts[b] : (b) * K)
+#define LAST_ROW(b) (starts ? starts[(b) + 1] : ((b) + 1) * K)
+
+/* energy[r, l] = sum_a w[a] tanh(keys[b, l, a] + q[r, a]) + bias for the rows r of each image b.
+ * keys (B, L, A), q (N, A), w (A), energy (N, L), N = B*K or starts[B]. Each key row is read once
+ * for all the queries of its image. */
 void capattn_energy(const float *keys, const float *q, const float *w, float bias, float *energy,
-                    long B, long K, long L, long A) {
+                    long B, long K, long L, long A, const long *starts) {
 #pragma omp parallel for schedule(static)
     for (long b = 0; b < B; b++) {
+        const long r0 = FIRST_ROW(b), r1 = LAST_ROW(b);
         for (long l = 0; l < L; l++) {
             const float *kr = keys + (b * L + l) * A;
             /* The next key row, fetched while this one is worked on: the keys (40 MB for 100 images)
@@ -112,8 +119,8 @@ void capattn_energy(const float *keys, const float *q, const float *w, float bia
              * waiting for them (measured with the keys out of cache: 8.7 ms without, 6.8 ms with;
              * 7.2 ms with the keys in cache). Prefetching past the last row never faults. */
             for (long a = 0; a < A; a += 16) __builtin_prefetch(kr + A + a);
-            for (long k = 0; k < K; k++) {
-                energy[(b * K + k) * L + l] = energy1(kr, q + (b * K + k) * A, w, A) + bias;
+            for (long r = r0; r < r1; r++) {
+                energy[r * L + l] = energy1(kr, q + r * A, w, A) + bias;
             }
         }
     }
@@ -183,16 +190,20 @@ int capattn_energy_backward(const float *keys, const float *q, const float *w, c
  * its K hypotheses, four rows at a time: each pass over a context row adds four grid rows, so the
  * K context rows (in cache) are read and written a quarter as often as one row at a time
  * (100 images x 196 x 2048, K = 5: 7.3 ms against 12.1 ms; K = 1: 3.8 ms against 5.9 ms). */
-void capattn_context(const float *grid, const float *alpha, float *context, long B, long K, long L, long D) {
+/* context[r] = sum_l alpha[r, l] grid[b, l] for the rows r of each image b (FIRST_ROW/LAST_ROW):
+ * grid (B, L, D), alpha (N, L), context (N, D). Each image's grid is read once for all its rows. */
+void capattn_context(const float *grid, const float *alpha, float *context, long B, long K, long L, long D,
+                     const long *starts) {
 #pragma omp parallel for schedule(static)
     for (long b = 0; b < B; b++) {
-        const float *al = alpha + b * K * L;
-        float *c = context + b * K * D;
-        memset(c, 0, sizeof(float) * (size_t)(K * D));
+        const long r0 = FIRST_ROW(b), n = LAST_ROW(b) - r0;
+        const float *al = alpha + r0 * L;
+        float *c = context + r0 * D;
+        memset(c, 0, sizeof(float) * (size_t)(n * D));
         long l = 0;
         for (; l + 4 <= L; l += 4) {
             const float *g0 = grid + (b * L + l) * D, *g1 = g0 + D, *g2 = g1 + D, *g3 = g2 + D;
-            for (long k = 0; k < K; k++) {
+            for (long k = 0; k < n; k++) {
                 const float *a = al + k * L + l;
                 float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
                 float *ck = c + k * D;
@@ -202,7 +213,7 @@ void capattn_context(const float *grid, const float *alpha, float *context, long
         }
         for (; l < L; l++) {
             const float *g = grid + (b * L + l) * D;
-            for (long k = 0; k < K; k++) {
+            for (long k = 0; k < n; k++) {
                 float a = al[k * L + l];
                 float *ck = c + k * D;
 #pragma omp simd

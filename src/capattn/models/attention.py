@@ -43,17 +43,24 @@ class SoftAttention(nn.Module):
         """(B, L, D) annotation vectors → (B, L, A) keys."""
         return self.key_proj(grid)
 
-    def attend(self, keys: Tensor, grid: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
+    def attend(self, keys: Tensor, grid: Tensor, query: Tensor, starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Attends with projected queries, K of them per image (image-major rows).
 
         Args:
             keys: (B, L, A) from ``project_keys``.
             grid: (B, L, D) annotation vectors.
             query: (B*K, A) ``W_h h_{t−1}`` (bias included) of K hypotheses per image; K = 1 in training.
+            starts: (B + 1,) int64 row offsets where images have different numbers of hypotheses
+                (image b's are rows starts[b] … starts[b+1]−1; beam search without its ended beams).
+                Only for CPU float32 decoding with the fused kernels (``native.usable``).
 
         Returns:
             context (B*K, D) and attention weights alpha (B*K, L), which sum to one over L.
         """
+        if starts is not None:
+            energy = native.energy(keys, query, self.score.weight.squeeze(0), float(self.score.bias), starts)
+            alpha = energy.softmax(dim=-1)  # (N, L)
+            return native.context(grid, alpha, starts), alpha
         batch, locations, _ = keys.shape
         k = query.shape[0] // batch
         q = query.view(batch, k, 1, -1)  # (B, K, 1, A)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from capattn.models import native
 from capattn.models.attention import SoftAttention, fast_loop
 from capattn.models.encoder import EncoderOutput
 
@@ -184,6 +185,19 @@ class CaptionDecoder(nn.Module, ABC):
 
         return tree_map(lambda x: x.repeat_interleave(beams, dim=0), mem)
 
+    def ragged_memory(self, mem: Memory, counts: Tensor) -> Memory | None:
+        """The memory ``step`` wants for ``counts[b]`` hypotheses of image b (rows image-major), or None.
+
+        Beam search uses it to leave beams that have ended out of a step (an image's K beams end at
+        different words). None, the default, says this decoder runs K hypotheses for every image of
+        ``mem``; beam search then keeps the ended beams in the batch, as it must with ``expand_memory``.
+
+        Args:
+            mem: the memory returned by ``prepare`` for B images.
+            counts: (B,) int64 hypotheses per image, 0 … K; their sum is the rows of ``step``'s state.
+        """
+        return None
+
 
 def _target_mask(lengths: Tensor, steps: int) -> Tensor:
     """(B, T−1) True where position t predicts a real token (t < length − 1)."""
@@ -234,6 +248,9 @@ class ShowTellDecoder(CaptionDecoder):
     def init_state(self, mem: Tensor) -> tuple[Tensor, Tensor]:
         _, state = self._run(mem.unsqueeze(1), None)  # x_{-1} = CNN(I): the image is seen once
         return state
+
+    def ragged_memory(self, mem: Tensor, counts: Tensor) -> Tensor:
+        return mem.repeat_interleave(counts, dim=0)  # (N, E), small; ``step`` does not read it
 
     def step(self, tokens: Tensor, state: tuple[Tensor, Tensor], mem: Tensor) -> StepOutput:
         out, state = self._run(self.dropout(self.embed(tokens)).unsqueeze(1), state)  # (B, 1, H)
@@ -316,6 +333,9 @@ class AttentionMemory:
 
     grid: Tensor  # (B, L, D)
     keys: Tensor  # (B, L, A)
+    # (B + 1,) int64 row offsets where images have different numbers of hypotheses (``ragged_memory``):
+    # image b's are the state's rows starts[b] … starts[b+1]−1. None: the same number K for every image.
+    starts: Tensor | None = None
 
 
 class ShowAttendTellDecoder(CaptionDecoder):
@@ -401,6 +421,15 @@ class ShowAttendTellDecoder(CaptionDecoder):
     def expand_memory(self, mem: AttentionMemory, beams: int) -> AttentionMemory:
         return mem  # ``step`` broadcasts each image's grid and keys over its hypotheses
 
+    def ragged_memory(self, mem: AttentionMemory, counts: Tensor) -> AttentionMemory | None:
+        """The grid and keys as they are, with row offsets: no copy (only the fused CPU kernels take
+        offsets, so elsewhere None: a GPU, autocast or ``CAPATTN_NATIVE=0`` keep K rows per image)."""
+        if not (_cpu_decoding(mem.grid) and native.usable(mem.grid, mem.keys)):
+            return None
+        starts = torch.zeros(counts.shape[0] + 1, dtype=torch.long)
+        torch.cumsum(counts.to(device="cpu", dtype=torch.long), dim=0, out=starts[1:])
+        return AttentionMemory(grid=mem.grid, keys=mem.keys, starts=starts)
+
     # --- the pieces of one step, shared by ``step`` and the teacher-forced loop ---------------------
 
     def _recurrent_weights(self, *, input_bias: bool = False) -> tuple[Tensor, Tensor]:
@@ -478,7 +507,7 @@ class ShowAttendTellDecoder(CaptionDecoder):
         h, c = state  # (B*K, H): K hypotheses per image of ``mem`` (K = 1 outside beam search)
         weight, bias = self._recurrent_weights(input_bias=True)
         context, alpha, gates_h = self._attend(
-            torch.addmm(bias, h, weight.t()), lambda query: self.attention.attend(mem.keys, mem.grid, query)
+            torch.addmm(bias, h, weight.t()), lambda query: self.attention.attend(mem.keys, mem.grid, query, mem.starts)
         )
         emb = self.embed(tokens)  # (B*K, E)
         w_ih = self.cell.weight_ih  # (4H, E + D): input [E y_{t−1}; ẑ_t]

@@ -111,11 +111,11 @@ def kernels() -> ctypes.CDLL | None:
             err,
         )
         return None
-    lib.capattn_energy.argtypes = [_PTR, _PTR, _PTR, _FLOAT, _PTR] + [_LONG] * 4
+    lib.capattn_energy.argtypes = [_PTR, _PTR, _PTR, _FLOAT, _PTR] + [_LONG] * 4 + [_PTR]
     lib.capattn_energy.restype = None
     lib.capattn_energy_backward.argtypes = [_PTR] * 7 + [_LONG] * 3
     lib.capattn_energy_backward.restype = ctypes.c_int
-    lib.capattn_context.argtypes = [_PTR] * 3 + [_LONG] * 4
+    lib.capattn_context.argtypes = [_PTR] * 3 + [_LONG] * 4 + [_PTR]
     lib.capattn_context.restype = None
     lib.capattn_topk.argtypes = [_PTR] * 3 + [_LONG] * 3
     lib.capattn_topk.restype = None
@@ -137,22 +137,40 @@ def _ptr(t: Tensor) -> int:
     return t.data_ptr()
 
 
-def energy(keys: Tensor, query: Tensor, weight: Tensor, bias: float) -> Tensor:
-    """wᵀ tanh(keys + query) + bias for K queries per image, without autograd.
+def _starts(starts: Tensor | None, batch: int, rows: int) -> int | None:
+    """The pointer the kernels take for ``starts`` (None: K rows per image), after checking it."""
+    if starts is None:
+        return None
+    if starts.dtype != torch.long or starts.device.type != "cpu" or starts.shape != (batch + 1,):
+        raise ValueError(f"starts must be a CPU int64 tensor of {batch + 1} row offsets, got {tuple(starts.shape)}")
+    if not starts.is_contiguous() or int(starts[0]) != 0 or int(starts[-1]) != rows or bool((starts.diff() < 0).any()):
+        raise ValueError(f"starts must rise from 0 to the {rows} rows, one offset per image and one past the last")
+    return _ptr(starts)
+
+
+def energy(keys: Tensor, query: Tensor, weight: Tensor, bias: float, starts: Tensor | None = None) -> Tensor:
+    """wᵀ tanh(keys + query) + bias for the queries of each image, without autograd.
 
     Args:
         keys: (B, L, A) projected keys.
-        query: (B, K, A) projected queries, K per image.
+        query: (B, K, A) projected queries, K per image; or, with ``starts``, (N, A) rows image-major.
         weight: (A,) the score vector w.
         bias: the score's bias.
+        starts: (B + 1,) int64: image b's queries are rows starts[b] … starts[b+1]−1 of ``query``
+            (beam search with its ended beams left out). None: K per image.
 
     Returns:
-        (B, K, L) energies.
+        (B, K, L) energies, or (N, L) with ``starts``.
     """
     keys, query, weight = keys.contiguous(), query.contiguous(), weight.contiguous()
-    (batch, locations, width), k = keys.shape, query.shape[1]
-    out = keys.new_empty(batch, k, locations)
-    kernels().capattn_energy(_ptr(keys), _ptr(query), _ptr(weight), bias, _ptr(out), batch, k, locations, width)
+    (batch, locations, width) = keys.shape
+    if starts is None:
+        k = query.shape[1]
+        out = keys.new_empty(batch, k, locations)
+    else:
+        k, out = 0, keys.new_empty(query.shape[0], locations)
+    ptr = _starts(starts, batch, query.shape[0])
+    kernels().capattn_energy(_ptr(keys), _ptr(query), _ptr(weight), bias, _ptr(out), batch, k, locations, width, ptr)
     return out
 
 
@@ -185,12 +203,20 @@ def energy_backward(
     return d_query, d_weight
 
 
-def context(grid: Tensor, alpha: Tensor) -> Tensor:
-    """Σ_l α_l grid_l for K attention maps per image, without autograd: (B, L, D), (B, K, L) → (B, K, D)."""
+def context(grid: Tensor, alpha: Tensor, starts: Tensor | None = None) -> Tensor:
+    """Σ_l α_l grid_l for each image's attention maps, without autograd.
+
+    (B, L, D), (B, K, L) → (B, K, D); with ``starts`` (see ``energy``), (B, L, D), (N, L) → (N, D).
+    """
     grid, alpha = grid.contiguous(), alpha.contiguous()
-    (batch, locations, dim), k = grid.shape, alpha.shape[1]
-    out = grid.new_empty(batch, k, dim)
-    kernels().capattn_context(_ptr(grid), _ptr(alpha), _ptr(out), batch, k, locations, dim)
+    (batch, locations, dim) = grid.shape
+    if starts is None:
+        k = alpha.shape[1]
+        out = grid.new_empty(batch, k, dim)
+    else:
+        k, out = 0, grid.new_empty(alpha.shape[0], dim)
+    ptr = _starts(starts, batch, alpha.shape[0])
+    kernels().capattn_context(_ptr(grid), _ptr(alpha), _ptr(out), batch, k, locations, dim, ptr)
     return out
 
 
