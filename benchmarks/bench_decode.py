@@ -62,11 +62,11 @@ def keeping_ended_beams(fn):
     """``fn`` with beam search running every beam to the end, as before ended beams left the steps."""
 
     def run():
-        before, decoding._RAGGED_BEAMS = decoding._RAGGED_BEAMS, False
+        before, decoding._RAGGED_MEMORY = decoding._RAGGED_MEMORY, False
         try:
             return fn()
         finally:
-            decoding._RAGGED_BEAMS = before
+            decoding._RAGGED_MEMORY = before
 
     return run
 

@@ -320,7 +320,7 @@ def test_ended_beams_stop_costing_work(kind, monkeypatch):
     ragged = Ragged(dec)
     with torch.no_grad():
         got = beam_search(ragged, enc, **args)
-        monkeypatch.setattr("capattn.decoding._RAGGED_BEAMS", False)
+        monkeypatch.setattr("capattn.decoding._RAGGED_MEMORY", False)
         every = Ragged(dec)
         expected = beam_search(every, enc, **args)
     assert torch.equal(got.tokens, expected.tokens)
@@ -333,6 +333,37 @@ def test_ended_beams_stop_costing_work(kind, monkeypatch):
     assert sum(ragged.rows) < sum(every.rows)
     left_out = [t for t, r, full in zip(ragged.tokens, ragged.rows, every.rows, strict=True) if r < full]
     assert not any(((t == EOS) | (t == PAD)).any() for t in left_out)  # those steps ran live beams only
+
+
+def test_greedy_compaction_copies_no_grid_where_the_decoder_takes_row_offsets(monkeypatch):
+    """Images whose caption has ended leave greedy's batch; Show, Attend and Tell's later steps get the
+    whole batch's grid with row offsets instead of a copy of the rows left, and say the same."""
+    from capattn.models import native
+
+    if native.kernels() is None:
+        pytest.skip("the fused attention kernels cannot be built here (capattn.models.native logged why)")
+    dec = copy.deepcopy(ragged_decoder("show_attend_tell")).float()
+    enc, _ = ragged_images(40, seed=7)
+    enc = EncoderOutput(grid=enc.grid.float(), pooled=enc.pooled.float())
+    mems = []
+
+    class Recording(Ragged):
+        def step(self, tokens, state, mem):
+            mems.append(mem)
+            return super().step(tokens, state, mem)
+
+    recording = Recording(dec)
+    with torch.no_grad():
+        got = greedy(recording, enc, max_len=30, **SPECIAL)
+        monkeypatch.setattr("capattn.decoding._RAGGED_MEMORY", False)
+        expected = greedy(dec, enc, max_len=30, **SPECIAL)
+    assert torch.equal(got.tokens, expected.tokens)
+    torch.testing.assert_close(got.scores, expected.scores)
+    torch.testing.assert_close(got.alphas, expected.alphas)
+    assert all(m.grid is enc.grid for m in mems)  # compacted, yet never copied
+    offsets = [(m.starts, rows) for m, rows in zip(mems, recording.rows, strict=True) if m.starts is not None]
+    assert offsets and all(starts.shape == (41,) and int(starts[-1]) == rows for starts, rows in offsets)
+    assert recording.rows[-1] < 40  # images did leave
 
 
 # --- references: the decoding loops as they were before the speed work, kept verbatim -----------

@@ -103,9 +103,10 @@ def _denormals_flushed() -> Iterator[None]:
 # fraction of its rows has finished: finished rows stop costing work, and the memory (an image's
 # grid and keys) is copied O(log B) times rather than at every step.
 _COMPACT_FRACTION = 0.1
-# Beam search leaves ended beams out of its steps where the decoder allows it (off: tests and
-# benchmarks compare the two; the captions are the same).
-_RAGGED_BEAMS = True
+# Where the decoder takes a varying number of rows per image (``CaptionDecoder.ragged_memory``),
+# beam search leaves ended beams out of its steps, and greedy's compaction copies no memory (off:
+# tests and benchmarks compare the two; the captions are the same).
+_RAGGED_MEMORY = True
 
 
 def _needs_compaction(finished: int, rows: int) -> bool:
@@ -144,11 +145,13 @@ def _one_token_at_a_time(
 ) -> Captions:
     """Greedy decoding and sampling: ``pick`` chooses each next token from (B, V) log-probs.
 
-    With ``compact``, captions that have ended leave the batch (see ``_COMPACT_FRACTION``);
-    sampling keeps every row so a seeded generator draws the same numbers whatever the lengths.
+    With ``compact``, captions that have ended leave the batch (see ``_COMPACT_FRACTION``), their
+    memory too: without a copy where the decoder takes row offsets (``ragged_memory``). Sampling
+    keeps every row so a seeded generator draws the same numbers whatever the lengths.
     """
     mem = decoder.prepare(enc)
     state = decoder.init_state(mem)
+    step_mem, ragged = mem, _RAGGED_MEMORY  # ``mem`` stays the whole batch's
     batch = enc.pooled.shape[0]
     device = enc.pooled.device
     active = torch.arange(batch, device=device)  # (b,) original rows still in the batch
@@ -159,7 +162,7 @@ def _one_token_at_a_time(
     final_scores = torch.zeros(batch, device=device, dtype=dtype)
     out_tokens, out_alphas = [], []
     for _ in range(max_len):
-        out = decoder.step(tokens, state, mem)
+        out = decoder.step(tokens, state, step_mem)
         state = out.state
         logprobs = _forbid(out.logprobs, bos, pad)
         chosen = pick(logprobs)  # (b,)
@@ -179,7 +182,16 @@ def _one_token_at_a_time(
             final_scores = final_scores.index_copy(0, active[done], scores[done])
             keep = (~done).nonzero().squeeze(1)  # (b',)
             active, tokens, scores, done = active[keep], tokens[keep], scores[keep], done[keep]
-            state, mem = _select(state, keep), _select(mem, keep)
+            state = _select(state, keep)
+            # The memory of the images left: all of it with row offsets, one row for each image left,
+            # where the decoder takes them (no copy of the grids), else a copy of their part.
+            step_mem = None
+            if ragged:
+                counts = torch.zeros(batch, dtype=torch.long, device=device).index_fill_(0, active, 1)
+                step_mem = decoder.ragged_memory(mem, counts)
+                ragged = step_mem is not None
+            if step_mem is None:
+                step_mem = _select(mem, active)
     final_scores = final_scores.index_copy(0, active, scores)
     seq = torch.stack(out_tokens, dim=1).unsqueeze(1)  # (B, 1, T)
     alphas = torch.stack(out_alphas, dim=1).unsqueeze(1) if out_alphas else None  # (B, 1, T, L)
@@ -303,7 +315,7 @@ def beam_search(
         # number of hypotheses per image): only the live rows' log-probs, states and attention are
         # computed, and the ended ones are filled in below with values that are never read.
         live_rows = ragged_mem = None
-        if _RAGGED_BEAMS and live == k and _needs_compaction(int(done.sum()), b * k):
+        if _RAGGED_MEMORY and live == k and _needs_compaction(int(done.sum()), b * k):
             ragged_mem = decoder.ragged_memory(mem, (~done).sum(dim=1))
         if ragged_mem is not None:
             live_rows = (~done).view(-1).nonzero().squeeze(1)  # (n,) in 0 … b*K−1
