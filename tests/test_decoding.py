@@ -294,19 +294,22 @@ class Ragged(Counting):
     def __init__(self, inner: CaptionDecoder):
         super().__init__(inner)
         self.tokens: list[torch.Tensor] = []
+        self.mems: list = []
 
     def ragged_memory(self, mem, counts):
         return self.inner.ragged_memory(mem, counts)
 
     def step(self, tokens, state, mem):
         self.tokens.append(tokens.clone())
+        self.mems.append(mem)
         return super().step(tokens, state, mem)
 
 
 @pytest.mark.parametrize("kind", ["show_tell", "show_attend_tell"])
 def test_ended_beams_stop_costing_work(kind, monkeypatch):
     """An image's beams end at different words: once a tenth of a step's rows have ended, the steps
-    run only the live ones, with the same captions as when every beam runs to the end."""
+    run only the live ones, with the same captions as when every beam runs to the end; images
+    whose beams have all ended leave without a copy of the others' memory."""
     dec = ragged_decoder(kind)
     enc, _ = ragged_images(40, seed=7)
     if kind == "show_attend_tell":  # its ragged attention runs in the fused CPU kernels: float32
@@ -327,9 +330,16 @@ def test_ended_beams_stop_costing_work(kind, monkeypatch):
     torch.testing.assert_close(got.scores, expected.scores)
     if expected.alphas is not None:
         torch.testing.assert_close(got.alphas, expected.alphas)
-    # an ended beam's token is <eos> (it just ended) or <pad>: a step that runs them all has them
+    # An ended beam's token is <eos> (it just ended) or <pad>: a step that runs them all has them.
+    # They are left out once they are a tenth of the rows, or once an image has left the batch
+    # (every.rows[1:] shrink then: the first step runs one hypothesis per image).
     ended = [int(((t == EOS) | (t == PAD)).sum()) for t in every.tokens]
-    assert ragged.rows == [r - e if e >= 0.1 * r else r for r, e in zip(every.rows, ended, strict=True)]
+    left = [i > 1 and r < every.rows[1] for i, r in enumerate(every.rows)]
+    expected_rows = [r - e if e >= 0.1 * r or gone else r for r, e, gone in zip(every.rows, ended, left, strict=True)]
+    assert ragged.rows == expected_rows
+    assert any(left), "no image left the batch: the test no longer covers that case"
+    if kind == "show_attend_tell":  # the grids of the images left were never copied
+        assert all(m.grid is enc.grid for m in ragged.mems) and not all(m.grid is enc.grid for m in every.mems)
     assert sum(ragged.rows) < sum(every.rows)
     left_out = [t for t, r, full in zip(ragged.tokens, ragged.rows, every.rows, strict=True) if r < full]
     assert not any(((t == EOS) | (t == PAD)).any() for t in left_out)  # those steps ran live beams only
@@ -345,14 +355,7 @@ def test_greedy_compaction_copies_no_grid_where_the_decoder_takes_row_offsets(mo
     dec = copy.deepcopy(ragged_decoder("show_attend_tell")).float()
     enc, _ = ragged_images(40, seed=7)
     enc = EncoderOutput(grid=enc.grid.float(), pooled=enc.pooled.float())
-    mems = []
-
-    class Recording(Ragged):
-        def step(self, tokens, state, mem):
-            mems.append(mem)
-            return super().step(tokens, state, mem)
-
-    recording = Recording(dec)
+    recording = Ragged(dec)
     with torch.no_grad():
         got = greedy(recording, enc, max_len=30, **SPECIAL)
         monkeypatch.setattr("capattn.decoding._RAGGED_MEMORY", False)
@@ -360,8 +363,8 @@ def test_greedy_compaction_copies_no_grid_where_the_decoder_takes_row_offsets(mo
     assert torch.equal(got.tokens, expected.tokens)
     torch.testing.assert_close(got.scores, expected.scores)
     torch.testing.assert_close(got.alphas, expected.alphas)
-    assert all(m.grid is enc.grid for m in mems)  # compacted, yet never copied
-    offsets = [(m.starts, rows) for m, rows in zip(mems, recording.rows, strict=True) if m.starts is not None]
+    assert all(m.grid is enc.grid for m in recording.mems)  # compacted, yet never copied
+    offsets = [(m.starts, rows) for m, rows in zip(recording.mems, recording.rows, strict=True) if m.starts is not None]
     assert offsets and all(starts.shape == (41,) and int(starts[-1]) == rows for starts, rows in offsets)
     assert recording.rows[-1] < 40  # images did leave
 

@@ -309,14 +309,24 @@ def beam_search(
     parents: list[Tensor] = []
     words: list[Tensor] = []
     alphas: list[Tensor] = []
+    # Whether the decoder takes a varying number of hypotheses per image (``ragged_memory``), asked
+    # when first needed; if it does, ``mem`` stays the whole batch's, and images that leave are
+    # left out by row offsets instead of copying the memory of the rest.
+    ragged: bool | None = None if _RAGGED_MEMORY else False
+    compacted = False  # some image has left the batch
+
+    def counts_per_image(done: Tensor) -> Tensor:  # (B,) live beams of each image of the whole batch
+        return torch.zeros(batch, dtype=torch.long, device=device).index_copy_(0, active, (~done).sum(dim=1))
+
     for _ in range(max_len):
         b = active.shape[0]
-        # Ended beams leave the step once they are a tenth of its rows (if the decoder takes a varying
-        # number of hypotheses per image): only the live rows' log-probs, states and attention are
+        # Ended beams leave the step once they are a tenth of its rows (and for good once an image
+        # has left, if the decoder allows): only the live rows' log-probs, states and attention are
         # computed, and the ended ones are filled in below with values that are never read.
         live_rows = ragged_mem = None
-        if _RAGGED_MEMORY and live == k and _needs_compaction(int(done.sum()), b * k):
-            ragged_mem = decoder.ragged_memory(mem, (~done).sum(dim=1))
+        if ragged is not False and live == k and (compacted or _needs_compaction(int(done.sum()), b * k)):
+            ragged_mem = decoder.ragged_memory(mem, counts_per_image(done))
+            ragged = ragged_mem is not None
         if ragged_mem is not None:
             live_rows = (~done).view(-1).nonzero().squeeze(1)  # (n,) in 0 … b*K−1
             out = decoder.step(tokens.index_select(0, live_rows), _select(state, live_rows), ragged_mem)
@@ -375,8 +385,12 @@ def beam_search(
             active, scores, lengths, done = active[keep], scores[keep], lengths[keep], done[keep]
             tokens = tokens.view(b, k)[keep].view(-1)
             state = _select(state, (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1))
-            mem = _select(mem, keep)
-            step_mem = decoder.expand_memory(mem, k)
+            if ragged is None:
+                ragged = decoder.ragged_memory(mem, counts_per_image(done)) is not None
+            if not ragged:
+                mem = _select(mem, keep)
+                step_mem = decoder.expand_memory(mem, k)
+            compacted = True
     final_scores = final_scores.index_copy(0, active, scores)
     final_lengths = final_lengths.index_copy(0, active, lengths)
     final = final_scores / length_penalty(final_lengths, length_alpha)
