@@ -345,6 +345,37 @@ def test_ended_beams_stop_costing_work(kind, monkeypatch):
     assert not any(((t == EOS) | (t == PAD)).any() for t in left_out)  # those steps ran live beams only
 
 
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_a_decoder_that_stops_taking_row_offsets_mid_search_gets_the_same_captions(search, monkeypatch):
+    """``ragged_memory`` answering None after images have left: the search copies their memory then."""
+
+    class Fickle(Ragged):  # yes the first time, then no
+        answers: list[tuple[bool, int]] = []  # (yes, images with no hypothesis: those that left, or will)
+
+        def ragged_memory(self, mem, counts):
+            self.answers.append((not self.answers, int((counts == 0).sum())))
+            return super().ragged_memory(mem, counts) if self.answers[-1][0] else None
+
+    dec = ragged_decoder("show_tell")
+    enc, _ = ragged_images(40, seed=7)
+    fickle = Fickle(dec)
+    with torch.no_grad():
+        if search == "greedy":
+            got = greedy(fickle, enc, max_len=30, **SPECIAL)
+        else:
+            got = beam_search(fickle, enc, beam_size=4, max_len=30, **SPECIAL)
+        monkeypatch.setattr("capattn.decoding._RAGGED_MEMORY", False)
+        expected = (
+            greedy(dec, enc, max_len=30, **SPECIAL)
+            if search == "greedy"
+            else beam_search(dec, enc, beam_size=4, max_len=30, **SPECIAL)
+        )
+    # it said no once images had left (and so was not asked again): the search copied their memory then
+    assert [yes for yes, _ in fickle.answers] == [True, False] and fickle.answers[1][1] > 0, fickle.answers
+    assert torch.equal(got.tokens, expected.tokens)
+    torch.testing.assert_close(got.scores, expected.scores)
+
+
 def test_greedy_compaction_copies_no_grid_where_the_decoder_takes_row_offsets(monkeypatch):
     """Images whose caption has ended leave greedy's batch; Show, Attend and Tell's later steps get the
     whole batch's grid with row offsets instead of a copy of the rows left, and say the same."""

@@ -326,6 +326,9 @@ def beam_search(
         live_rows = ragged_mem = None
         if ragged is not False and live == k and (compacted or _needs_compaction(int(done.sum()), b * k)):
             ragged_mem = decoder.ragged_memory(mem, counts_per_image(done))
+            if ragged_mem is None and ragged and compacted:  # a decoder that changed its answer: copy after all
+                mem = _select(mem, active)
+                step_mem = decoder.expand_memory(mem, k)
             ragged = ragged_mem is not None
         if ragged_mem is not None:
             live_rows = (~done).view(-1).nonzero().squeeze(1)  # (n,) in 0 … b*K−1

@@ -189,11 +189,14 @@ class CaptionDecoder(nn.Module, ABC):
         """The memory ``step`` wants for ``counts[b]`` hypotheses of image b (rows image-major), or None.
 
         Beam search uses it to leave beams that have ended out of a step (an image's K beams end at
-        different words). None, the default, says this decoder runs K hypotheses for every image of
-        ``mem``; beam search then keeps the ended beams in the batch, as it must with ``expand_memory``.
+        different words), and beam search and greedy to leave finished images out (count 0) without
+        copying the memory of the others. None, the default, says this decoder runs K hypotheses for
+        every image of ``mem``; the searches then keep ended beams in their steps and copy the memory
+        of the images left, as with ``expand_memory``. A decoder should give the same answer, None or
+        not, to every call of a search.
 
         Args:
-            mem: the memory returned by ``prepare`` for B images.
+            mem: the memory returned by ``prepare`` for the B images of the search.
             counts: (B,) int64 hypotheses per image, 0 … K; their sum is the rows of ``step``'s state.
         """
         return None
