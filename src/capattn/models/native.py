@@ -137,15 +137,21 @@ def _ptr(t: Tensor) -> int:
     return t.data_ptr()
 
 
-def _starts(starts: Tensor | None, batch: int, rows: int) -> int | None:
-    """The pointer the kernels take for ``starts`` (None: K rows per image), after checking it."""
+def _per_image(memory: Tensor, rows: Tensor, starts: Tensor | None, width: int) -> tuple[int, Tensor, int | None]:
+    """K, an empty output and the offsets' pointer for the kernels, after checking ``starts``.
+
+    ``rows`` are (B, K, ·), K per image of ``memory`` (B, L, ·): the output is (B, K, width). With
+    ``starts`` (B + 1 offsets) they are (N, ·) image-major and the output (N, width); K is then 0.
+    """
+    batch = memory.shape[0]
     if starts is None:
-        return None
+        return rows.shape[1], memory.new_empty(batch, rows.shape[1], width), None
+    n = rows.shape[0]
     if starts.dtype != torch.long or starts.device.type != "cpu" or starts.shape != (batch + 1,):
         raise ValueError(f"starts must be a CPU int64 tensor of {batch + 1} row offsets, got {tuple(starts.shape)}")
-    if not starts.is_contiguous() or int(starts[0]) != 0 or int(starts[-1]) != rows or bool((starts.diff() < 0).any()):
-        raise ValueError(f"starts must rise from 0 to the {rows} rows, one offset per image and one past the last")
-    return _ptr(starts)
+    if not starts.is_contiguous() or int(starts[0]) != 0 or int(starts[-1]) != n or bool((starts.diff() < 0).any()):
+        raise ValueError(f"starts must rise from 0 to the {n} rows, one offset per image and one past the last")
+    return 0, memory.new_empty(n, width), _ptr(starts)
 
 
 def energy(keys: Tensor, query: Tensor, weight: Tensor, bias: float, starts: Tensor | None = None) -> Tensor:
@@ -164,12 +170,7 @@ def energy(keys: Tensor, query: Tensor, weight: Tensor, bias: float, starts: Ten
     """
     keys, query, weight = keys.contiguous(), query.contiguous(), weight.contiguous()
     (batch, locations, width) = keys.shape
-    if starts is None:
-        k = query.shape[1]
-        out = keys.new_empty(batch, k, locations)
-    else:
-        k, out = 0, keys.new_empty(query.shape[0], locations)
-    ptr = _starts(starts, batch, query.shape[0])
+    k, out, ptr = _per_image(keys, query, starts, locations)
     kernels().capattn_energy(_ptr(keys), _ptr(query), _ptr(weight), bias, _ptr(out), batch, k, locations, width, ptr)
     return out
 
@@ -210,12 +211,7 @@ def context(grid: Tensor, alpha: Tensor, starts: Tensor | None = None) -> Tensor
     """
     grid, alpha = grid.contiguous(), alpha.contiguous()
     (batch, locations, dim) = grid.shape
-    if starts is None:
-        k = alpha.shape[1]
-        out = grid.new_empty(batch, k, dim)
-    else:
-        k, out = 0, grid.new_empty(alpha.shape[0], dim)
-    ptr = _starts(starts, batch, alpha.shape[0])
+    k, out, ptr = _per_image(grid, alpha, starts, dim)
     kernels().capattn_context(_ptr(grid), _ptr(alpha), _ptr(out), batch, k, locations, dim, ptr)
     return out
 
