@@ -242,6 +242,9 @@ def test_only_the_kernels_let_show_attend_tell_leave_ended_beams_out(kernels):
         assert ragged.grid is mem.grid and ragged.starts.tolist() == [0, 2, 2, 3]
         doubled = dec.double().prepare(EncoderOutput(grid=grid.double(), pooled=grid.mean(1).double()))
         assert dec.ragged_memory(doubled, torch.tensor([1, 1, 1])) is None  # float32 only
+        dec.compile_step = True  # a compiled step keeps K rows per image (its shapes would change every word)
+        assert dec.ragged_memory(mem, torch.tensor([2, 0, 1])) is None
+        dec.compile_step = False
         kernels()
         assert dec.ragged_memory(mem, torch.tensor([2, 0, 1])) is None
 

@@ -185,13 +185,11 @@ int capattn_energy_backward(const float *keys, const float *q, const float *w, c
     return 0;
 }
 
-/* context[b, k, :] = sum_l alpha[b, k, l] grid[b, l, :]
- * grid (B, L, D), alpha (B, K, L), context (B, K, D). Each image's grid is streamed once for all
- * its K hypotheses, four rows at a time: each pass over a context row adds four grid rows, so the
- * K context rows (in cache) are read and written a quarter as often as one row at a time
+/* context[r, :] = sum_l alpha[r, l] grid[b, l, :] for the rows r of each image b (FIRST_ROW/LAST_ROW)
+ * grid (B, L, D), alpha (N, L), context (N, D). Each image's grid is streamed once for all its
+ * hypotheses, four rows at a time: each pass over a context row adds four grid rows, so the
+ * context rows (in cache) are read and written a quarter as often as one row at a time
  * (100 images x 196 x 2048, K = 5: 7.3 ms against 12.1 ms; K = 1: 3.8 ms against 5.9 ms). */
-/* context[r] = sum_l alpha[r, l] grid[b, l] for the rows r of each image b (FIRST_ROW/LAST_ROW):
- * grid (B, L, D), alpha (N, L), context (N, D). Each image's grid is read once for all its rows. */
 void capattn_context(const float *grid, const float *alpha, float *context, long B, long K, long L, long D,
                      const long *starts) {
 #pragma omp parallel for schedule(static)

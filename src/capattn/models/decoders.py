@@ -426,8 +426,9 @@ class ShowAttendTellDecoder(CaptionDecoder):
 
     def ragged_memory(self, mem: AttentionMemory, counts: Tensor) -> AttentionMemory | None:
         """The grid and keys as they are, with row offsets: no copy (only the fused CPU kernels take
-        offsets, so elsewhere None: a GPU, autocast or ``CAPATTN_NATIVE=0`` keep K rows per image)."""
-        if not (_cpu_decoding(mem.grid) and native.usable(mem.grid, mem.keys)):
+        offsets, so elsewhere None: a GPU, autocast, ``CAPATTN_NATIVE=0`` or a compiled step keep K
+        rows per image)."""
+        if self.compile_step or not (_cpu_decoding(mem.grid) and native.usable(mem.grid, mem.keys)):
             return None
         starts = torch.zeros(counts.shape[0] + 1, dtype=torch.long)
         torch.cumsum(counts.to(device="cpu", dtype=torch.long), dim=0, out=starts[1:])
