@@ -315,7 +315,7 @@ def beam_search(
     ragged: bool | None = None if _RAGGED_MEMORY else False
     compacted = False  # some image has left the batch
 
-    def counts_per_image(done: Tensor) -> Tensor:  # (B,) live beams of each image of the whole batch
+    def counts_per_image(active: Tensor, done: Tensor) -> Tensor:  # (B,) live beams of each image of the whole batch
         return torch.zeros(batch, dtype=torch.long, device=device).index_copy_(0, active, (~done).sum(dim=1))
 
     for _ in range(max_len):
@@ -325,7 +325,7 @@ def beam_search(
         # computed, and the ended ones are filled in below with values that are never read.
         live_rows = ragged_mem = None
         if ragged is not False and live == k and (compacted or _needs_compaction(int(done.sum()), b * k)):
-            ragged_mem = decoder.ragged_memory(mem, counts_per_image(done))
+            ragged_mem = decoder.ragged_memory(mem, counts_per_image(active, done))
             if ragged_mem is None and ragged and compacted:  # a decoder that changed its answer: copy after all
                 mem = _select(mem, active)
                 step_mem = decoder.expand_memory(mem, k)
@@ -389,7 +389,7 @@ def beam_search(
             tokens = tokens.view(b, k)[keep].view(-1)
             state = _select(state, (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1))
             if ragged is None:
-                ragged = decoder.ragged_memory(mem, counts_per_image(done)) is not None
+                ragged = decoder.ragged_memory(mem, counts_per_image(active, done)) is not None
             if not ragged:
                 mem = _select(mem, keep)
                 step_mem = decoder.expand_memory(mem, k)

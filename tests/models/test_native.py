@@ -88,6 +88,9 @@ def test_energy_and_context_take_a_varying_number_of_queries_per_image(build):
     full[0], full[2, :1], full[3, :2] = query[:3], query[3:4], query[4:]
     kept = torch.tensor([0, 1, 2, 6, 9, 10])
     assert torch.equal(native.energy(keys, full, w, -0.5).view(B * 3, L)[kept], energy)
+    full_alpha = torch.rand(B, 3, L, generator=g)
+    full_alpha.view(B * 3, L)[kept] = alpha
+    assert torch.equal(native.context(grid, full_alpha).view(B * 3, D)[kept], context)
     with pytest.raises(ValueError, match="starts must"):
         native.energy(keys, query, w, 0.0, starts.flip(0))
 
