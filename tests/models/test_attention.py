@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from capattn.models import attention as attention_module
-from capattn.models.attention import SoftAttention
+from capattn.models.attention import LoopAttention, SoftAttention
 
 B, K, L, D, H, A = 5, 3, 7, 6, 4, 8
 
@@ -51,41 +51,57 @@ def test_attend_with_autograd_matches_the_formula(att):
     torch.testing.assert_close(alpha, expected[1])
 
 
+def loop_attention(att: SoftAttention, keys, grid, *, grid_grad: bool = False) -> LoopAttention:
+    score = att.score
+    return LoopAttention(
+        keys.detach(), grid.detach(), score.weight.detach().squeeze(0), float(score.bias.detach()), grid_grad=grid_grad
+    )
+
+
 @pytest.mark.parametrize("chunk", [1 << 20, L * A * 2])  # all rows at once; 2 rows at a time, the last chunk short
-def test_shrinking_loop_has_the_gradients_of_plain_slices(att, chunk, monkeypatch):
-    """``over_steps``: rows :b per step, keys' and grid's gradients summed in place; same as autograd."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["pytorch", "native_kernels"])
+def test_loop_attention_has_the_gradients_of_autograd_over_plain_slices(att, chunk, dtype, monkeypatch):
+    """``LoopAttention``: rows :b per step, its backward by hand, last step first, with the keys',
+    grid's, w's and b's gradients summed over the steps; the same as autograd through eq. 4–6.
+    float32 runs the fused CPU kernels where they are built; float64 always the PyTorch path."""
     monkeypatch.setattr(attention_module, "_CHUNK_ELEMENTS", chunk)
+    att = att.to(dtype)
     rows = [5, 5, 3, 2, 2, 1]
     g = torch.Generator().manual_seed(2)
-    grid = torch.randn(B, L, D, generator=g, dtype=torch.float64, requires_grad=True)
-    hidden = [torch.randn(b, H, generator=g, dtype=torch.float64, requires_grad=True) for b in rows]
-    weights = [torch.randn(b, D, generator=g, dtype=torch.float64) for b in rows]
-    alpha_weights = [torch.randn(b, L, generator=g, dtype=torch.float64) for b in rows]
-    params = [grid, *hidden, *att.parameters()]
+    grid = torch.randn(B, L, D, generator=g, dtype=dtype, requires_grad=True)
+    hidden = [torch.randn(b, H, generator=g, dtype=dtype) for b in rows]
+    d_context = [torch.randn(b, D, generator=g, dtype=dtype) for b in rows]
+    d_alpha = [torch.randn(b, L, generator=g, dtype=dtype) for b in rows]
+    keys = att.project_keys(grid).detach().requires_grad_()  # a leaf: the grid's gradient is the context's only
+    queries = [att.query_proj(h).detach().requires_grad_() for h in hidden]
+    params = [keys, grid, att.score.weight, att.score.bias, *queries]
 
-    def loss(fast: bool) -> torch.Tensor:
-        keys = att.project_keys(grid)
-        attend = att.over_steps(keys, grid)
-        total = 0.0
-        for b, h, w, v in zip(rows, hidden, weights, alpha_weights, strict=True):
-            if fast:
-                context, alpha = attend(att.query_proj(h), b)
-            else:
-                context, alpha = plain(att, keys[:b], grid[:b], h)
-            total = total + (context * w).sum() + (alpha * v).sum()  # both outputs carry gradient
-        return total
+    total = 0.0
+    for b, q, dz, da in zip(rows, queries, d_context, d_alpha, strict=True):
+        energy = att.score(torch.tanh(keys[:b] + q.unsqueeze(1))).squeeze(-1)
+        alpha = energy.softmax(dim=-1)
+        total = total + (torch.bmm(alpha.unsqueeze(1), grid[:b]).squeeze(1) * dz).sum() + (alpha * da).sum()
+    expected = torch.autograd.grad(total, params)
 
-    fast = torch.autograd.grad(loss(True), params)
-    slow = torch.autograd.grad(loss(False), params)
-    for got, expected in zip(fast, slow, strict=True):
-        torch.testing.assert_close(got, expected)
+    loop = loop_attention(att, keys, grid, grid_grad=True)
+    with torch.no_grad():
+        outs = [loop.forward(q.detach(), b) for b, q in zip(rows, queries, strict=True)]
+        d_queries = [
+            loop.backward(queries[t].detach(), outs[t][0], d_alpha[t], d_context[t], rows[t])
+            for t in reversed(range(len(rows)))
+        ][::-1]
+        d_keys, d_grid, d_w, d_b = loop.gradients()
+    tol = {} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    got = [d_keys, d_grid, d_w.unsqueeze(0), d_b.reshape(1), *d_queries]
+    for got_i, expected_i in zip(got, expected, strict=True):
+        torch.testing.assert_close(got_i, expected_i, **tol)
 
 
-def test_over_steps_without_autograd_is_plain_attention(att):
+def test_loop_attention_forward_is_plain_attention(att):
     keys, grid = inputs(att)
     hidden = torch.randn(3, H, dtype=torch.float64)
     with torch.no_grad():
-        context, alpha = att.over_steps(keys, grid)(att.query_proj(hidden), 3)
+        alpha, context = loop_attention(att, keys, grid).forward(att.query_proj(hidden), 3)
         expected = plain(att, keys[:3], grid[:3], hidden)
     torch.testing.assert_close(context, expected[0])
     torch.testing.assert_close(alpha, expected[1])

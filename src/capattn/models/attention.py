@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
@@ -116,135 +113,6 @@ class SoftAttention(nn.Module):
         """
         return self.attend(keys, grid, self.query_proj(hidden))
 
-    def over_steps(self, keys: Tensor, grid: Tensor) -> Callable[[Tensor, int], tuple[Tensor, Tensor]]:
-        """``attend`` for a teacher-forced time loop whose batch shrinks: ``fn(query, b)`` attends rows ``:b``.
-
-        Same values as ``attend(keys[:b], grid[:b], query)``, but the gradients of the keys (and of
-        the grid, when the encoder trains) from every step are summed in place into one buffer,
-        instead of autograd zero-padding each step's slice to (B, L, A) and adding it up: that
-        bookkeeping cost as much as the attention itself. The backward of step 0 runs last (every
-        later step depends on it through h), so it hands the summed buffer on.
-        """
-        shared: dict[str, Any] = {"keys": None, "energy": None, "grid": None, "buf": None, "native": None}
-        calls = 0
-
-        def attend(query: Tensor, rows: int) -> tuple[Tensor, Tensor]:
-            nonlocal calls
-            first, calls = calls == 0, calls + 1
-            if not fast_loop(query):
-                return self.attend(keys[:rows], grid[:rows], query)
-            return _SharedAttention.apply(keys, grid, query, self.score.weight, self.score.bias, rows, first, shared)
-
-        return attend
-
-
-class _SharedAttention(torch.autograd.Function):
-    """Softmax attention over rows ``:b`` of (B, L, ·) keys and grid, with hand-written backward.
-
-    Forward: s = tanh(keys + q), e = s w + b, α = softmax(e), ẑ = α grid. The (b, L, A) tensor s is
-    never stored: forward and backward rebuild it, which trades a cheap tanh for most of the step's
-    memory traffic; on a CPU in one fused pass per row (``native``), else a few rows at a time in
-    one cache-sized buffer. Gradients of keys and grid accumulate in ``shared`` buffers; only the
-    call with ``first`` returns them (see ``over_steps``).
-    """
-
-    @staticmethod
-    def _chunks(keys: Tensor, rows: int, shared: dict[str, Any]) -> tuple[Tensor, int]:
-        """The buffer s is built in, and how many rows fit in it.
-
-        A GPU streams the whole (b, L, A) tensor at once; a CPU keeps a few rows in cache. The buffer
-        is allocated once per time loop and reused by every step, forward and backward, instead of
-        a new multi-megabyte tensor at every call.
-        """
-        per_row = keys.shape[1] * keys.shape[2]
-        if keys.device.type != "cpu":
-            return keys.new_empty(rows, keys.shape[1], keys.shape[2]), rows
-        chunk = max(1, min(keys.shape[0], _CHUNK_ELEMENTS // per_row))
-        if shared["buf"] is None:
-            shared["buf"] = keys.new_empty(chunk, keys.shape[1], keys.shape[2])
-        return shared["buf"], chunk
-
-    @staticmethod
-    def forward(ctx, keys, grid, query, w, bias, rows, first, shared):  # type: ignore[override]
-        if shared["native"] is None:  # decided once per time loop, so every step sums its gradients alike
-            shared["native"] = native.usable(keys, grid, query)
-        w_vec = w.squeeze(0)  # (A,)
-        if shared["native"]:
-            energy = native.energy(keys[:rows], query.unsqueeze(1), w_vec, float(bias)).squeeze(1)  # (b, L)
-        else:
-            buf, chunk = _SharedAttention._chunks(keys, rows, shared)
-            energy = keys.new_empty(rows, keys.shape[1])  # (b, L)
-            for i in range(0, rows, chunk):
-                j = min(i + chunk, rows)
-                s = torch.add(keys[i:j], query[i:j].unsqueeze(1), out=buf[: j - i]).tanh_()  # (c, L, A)
-                torch.matmul(s, w_vec, out=energy[i:j])
-            energy.add_(bias)
-        alpha = energy.softmax(dim=-1)  # (b, L)
-        context = torch.bmm(alpha.unsqueeze(1), grid[:rows]).squeeze(1)  # (b, D)
-        ctx.save_for_backward(query, alpha, w)
-        ctx.keys, ctx.grid, ctx.rows, ctx.first, ctx.shared = keys, grid, rows, first, shared
-        return context, alpha
-
-    @staticmethod
-    def backward(ctx, d_context, d_alpha):  # type: ignore[override]
-        query, alpha, w = ctx.saved_tensors
-        keys, rows, shared = ctx.keys, ctx.rows, ctx.shared
-        g = ctx.grid[:rows]
-        # d alpha from both outputs: the context ẑ = α grid and alpha itself (eq. 14 uses it)
-        grid_times = native.grid_times if shared["native"] else _grid_times
-        d_alpha = d_alpha + grid_times(g, d_context)  # (b, L)
-        d_energy = alpha * (d_alpha - (d_alpha * alpha).sum(dim=-1, keepdim=True))  # softmax backward, (b, L)
-        need_keys = ctx.needs_input_grad[0]
-        w_vec = w.squeeze(0)
-        if shared["native"]:
-            # One pass rebuilds s and adds dE ⊗ w ⊙ (1 − s²) into the keys' gradient (B, L, A) in place.
-            if shared["keys"] is None:
-                shared["keys"] = keys.new_zeros(keys.shape)
-            d_query, d_w = native.energy_backward(keys, query, w_vec, d_energy, shared["keys"])
-        else:
-            d_query, d_w = _SharedAttention._energy_backward(keys, query, w_vec, d_energy, rows, need_keys, shared)
-        d_bias = d_energy.sum().reshape(1)
-        d_keys = d_grid = None
-        if ctx.first:
-            if need_keys:
-                d_keys = shared["keys"]
-                if not shared["native"]:
-                    d_keys = d_keys.neg_().add_(shared["energy"].unsqueeze(-1)).mul_(w_vec)
-            shared["keys"] = shared["energy"] = None
-        if ctx.needs_input_grad[1]:
-            if shared["grid"] is None:
-                shared["grid"] = g.new_zeros(ctx.grid.shape)
-            shared["grid"][:rows].baddbmm_(alpha.unsqueeze(2), d_context.unsqueeze(1))  # α_iᵀ dẑ: (b, L, D)
-            if ctx.first:
-                d_grid, shared["grid"] = shared["grid"], None
-        return d_keys, d_grid, d_query, d_w.unsqueeze(0), d_bias, None, None, None
-
-    @staticmethod
-    def _energy_backward(keys, query, w_vec, d_energy, rows, need_keys, shared):
-        """PyTorch's backward of e = w · tanh(k + q): the query's and w's gradients, the keys' summed in ``shared``.
-
-        d(k + q) = dE ⊗ w ⊙ (1 − s²). w is the same at every step, so the buffers sum dE (B, L) and
-        dE ⊙ s² (B, L, A), and w is applied once, by the step-0 call.
-        """
-        if need_keys and shared["keys"] is None:
-            shared["keys"] = keys.new_zeros(keys.shape)
-            shared["energy"] = keys.new_zeros(keys.shape[:2])
-        buf, chunk = _SharedAttention._chunks(keys, rows, shared)
-        d_w = torch.zeros_like(w_vec)
-        d_query = torch.empty_like(query)  # (b, A)
-        for i in range(0, rows, chunk):
-            j = min(i + chunk, rows)
-            s = torch.add(keys[i:j], query[i:j].unsqueeze(1), out=buf[: j - i]).tanh_()  # (c, L, A), rebuilt
-            de = d_energy[i:j]  # (c, L)
-            d_w.addmv_(s.reshape(-1, s.shape[-1]).t(), de.reshape(-1))  # Σ dE s: (A,)
-            s2 = s.mul_(s)  # s², in place
-            d_query[i:j] = de.sum(dim=1, keepdim=True) - torch.bmm(de.unsqueeze(1), s2).squeeze(1)
-            if need_keys:
-                shared["keys"][i:j].addcmul_(s2, de.unsqueeze(-1))
-        if need_keys:
-            shared["energy"][:rows] += d_energy
-        return d_query.mul_(w_vec), d_w  # Σ_l dE_l (1 − s_l²) w: (b, A)
-
 
 def _grid_times(grid: Tensor, vectors: Tensor) -> Tensor:
     """(b, L, D) @ (b, D) → (b, L): each image's grid times its own vector.
@@ -260,3 +128,112 @@ def _grid_times(grid: Tensor, vectors: Tensor) -> Tensor:
     for i in range(grid.shape[0]):
         torch.mv(grid[i], vectors[i], out=out[i])
     return out
+
+
+class LoopAttention:
+    """Soft attention for a hand-written teacher-forced loop: rows ``:b`` of one batch's keys and
+    grid at each step, forward and backward without autograd.
+
+    The loop (``ShowAttendTellDecoder``'s ``_TeacherForcedLoop``) calls ``forward`` at each step,
+    then in its backward calls ``backward`` at each step, last step first. Forward: s = tanh(keys +
+    q), e = s w + b, α = softmax(e), ẑ = α grid. The (b, L, A) tensor s is never stored: forward and
+    backward rebuild it, on a CPU in one fused pass per row (``native``), else a few rows at a time
+    in one cache-sized buffer (a GPU streams it whole). The gradients of the keys, the grid and the
+    score's w and b are summed over the steps in buffers (``gradients``), instead of autograd
+    zero-padding each step's slice to (B, L, ·) and adding them up.
+
+    Args:
+        keys: (B, L, A) projected keys (detached).
+        grid: (B, L, D) annotation vectors (detached).
+        weight: (A,) the score vector w (detached).
+        bias: the score's bias.
+        grid_grad: whether ``backward`` sums the grid's gradient (the encoder trains).
+    """
+
+    def __init__(self, keys: Tensor, grid: Tensor, weight: Tensor, bias: float, *, grid_grad: bool = False) -> None:
+        self.keys, self.grid, self.w, self.bias, self.grid_grad = keys, grid, weight, bias, grid_grad
+        self.native = native.usable(keys, grid, weight)
+        self._buf: Tensor | None = None
+        self.d_keys: Tensor | None = None
+        self.d_grid: Tensor | None = None
+        self._d_energy_sum: Tensor | None = None  # PyTorch path: Σ_t dE, w is applied once at the end
+        self.d_w = weight.new_zeros(weight.shape)
+        self.d_bias = weight.new_zeros(())
+
+    def _chunk(self, rows: int) -> tuple[Tensor, int]:
+        """A buffer for s and how many rows fit in it: a few rows in a CPU's cache; all of them on a GPU."""
+        keys = self.keys
+        if keys.device.type != "cpu":
+            return keys.new_empty(rows, keys.shape[1], keys.shape[2]), rows
+        chunk = max(1, min(keys.shape[0], _CHUNK_ELEMENTS // (keys.shape[1] * keys.shape[2])))
+        if self._buf is None:
+            self._buf = keys.new_empty(chunk, keys.shape[1], keys.shape[2])
+        return self._buf, chunk
+
+    def forward(self, query: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+        """α (b, L) and the context ẑ (b, D) of rows :b for their queries (b, A)."""
+        keys = self.keys
+        if self.native:
+            energy = native.energy(keys[:rows], query.unsqueeze(1), self.w, self.bias).squeeze(1)  # (b, L)
+        else:
+            buf, chunk = self._chunk(rows)
+            energy = keys.new_empty(rows, keys.shape[1])
+            for i in range(0, rows, chunk):
+                j = min(i + chunk, rows)
+                s = torch.add(keys[i:j], query[i:j].unsqueeze(1), out=buf[: j - i]).tanh_()  # (c, L, A)
+                torch.matmul(s, self.w, out=energy[i:j])
+            energy.add_(self.bias)
+        alpha = energy.softmax(dim=-1)
+        return alpha, torch.bmm(alpha.unsqueeze(1), self.grid[:rows]).squeeze(1)
+
+    def backward(self, query: Tensor, alpha: Tensor, d_alpha: Tensor, d_context: Tensor, rows: int) -> Tensor:
+        """The queries' gradient (b, A) of one step; the keys', grid's, w's and b's are added to the sums.
+
+        ``d_alpha`` (b, L): the gradient of α itself (eq. 14's term); ``d_context`` (b, D): of ẑ.
+        """
+        keys, g = self.keys, self.grid[:rows]
+        d_alpha = d_alpha + (native.grid_times if self.native else _grid_times)(g, d_context)  # (b, L)
+        d_energy = alpha * (d_alpha - (d_alpha * alpha).sum(dim=-1, keepdim=True))  # softmax backward
+        if self.d_keys is None:
+            self.d_keys = keys.new_zeros(keys.shape)
+        if self.native:  # one pass rebuilds s and adds dE ⊗ w ⊙ (1 − s²) into the keys' gradient in place
+            d_query, d_w = native.energy_backward(keys, query, self.w, d_energy, self.d_keys)
+        else:
+            d_query, d_w = self._energy_backward(query, d_energy, rows)
+        self.d_w += d_w
+        self.d_bias += d_energy.sum()
+        if self.grid_grad:  # the encoder trains: α_iᵀ dẑ
+            if self.d_grid is None:
+                self.d_grid = g.new_zeros(self.grid.shape)
+            self.d_grid[:rows].baddbmm_(alpha.unsqueeze(2), d_context.unsqueeze(1))  # (b, L, D)
+        return d_query
+
+    def gradients(self) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor]:
+        """The keys', grid's, w's and b's gradients summed over the steps (call once, after the last)."""
+        d_keys = self.d_keys
+        if d_keys is not None and not self.native:  # (Σ dE − Σ dE s²) w, see _energy_backward
+            d_keys = d_keys.neg_().add_(self._d_energy_sum.unsqueeze(-1)).mul_(self.w)
+        return d_keys, self.d_grid, self.d_w, self.d_bias
+
+    def _energy_backward(self, query: Tensor, d_energy: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+        """PyTorch's backward of e = w · tanh(k + q) for rows :b: the query's and w's gradients.
+
+        d(k + q) = dE ⊗ w ⊙ (1 − s²). w is the same at every step, so the keys' buffer sums dE ⊙ s²
+        (B, L, A) and another sums dE (B, L); ``gradients`` applies w once.
+        """
+        keys = self.keys
+        if self._d_energy_sum is None:
+            self._d_energy_sum = keys.new_zeros(keys.shape[:2])
+        buf, chunk = self._chunk(rows)
+        d_w = torch.zeros_like(self.w)
+        d_query = torch.empty_like(query)  # (b, A)
+        for i in range(0, rows, chunk):
+            j = min(i + chunk, rows)
+            s = torch.add(keys[i:j], query[i:j].unsqueeze(1), out=buf[: j - i]).tanh_()  # (c, L, A), rebuilt
+            de = d_energy[i:j]  # (c, L)
+            d_w.addmv_(s.reshape(-1, s.shape[-1]).t(), de.reshape(-1))  # Σ dE s: (A,)
+            s2 = s.mul_(s)  # s², in place
+            d_query[i:j] = de.sum(dim=1, keepdim=True) - torch.bmm(de.unsqueeze(1), s2).squeeze(1)
+            self.d_keys[i:j].addcmul_(s2, de.unsqueeze(-1))
+        self._d_energy_sum[:rows] += d_energy
+        return d_query.mul_(self.w), d_w  # Σ_l dE_l (1 − s_l²) w: (b, A)

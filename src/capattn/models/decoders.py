@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from capattn.models import native
-from capattn.models.attention import SoftAttention, fast_loop
+from capattn.models.attention import LoopAttention, SoftAttention, fast_loop
 from capattn.models.encoder import EncoderOutput
 
 Memory = Any  # per-image tensors computed once by ``prepare`` (batch-first)
@@ -271,63 +271,134 @@ class ShowTellDecoder(CaptionDecoder):
         )
 
 
-class _LoopLinear(torch.autograd.Function):
-    """x W[:, k:]ᵀ inside a time loop, with the weight's gradient computed once for all steps.
+@dataclass(frozen=True)
+class _LoopPlan:
+    """What ``_TeacherForcedLoop`` needs besides tensors: rows per step and the stacked layout."""
 
-    Per step, backward only computes dx; the (dy, x) pairs are kept and the call of step 0, whose
-    backward runs last (every later step depends on it through h), computes dW = Σ_t dy_tᵀ x_t as
-    one (out × N) @ (N × in) matmul instead of T thin ones, each added into a full-size gradient.
+    running: list[int]  # b_t: rows still running at step t (non-increasing, all > 0)
+    embed_dim: int  # E: the first E columns of the LSTM's input weight multiply the word embedding
+    att_dim: int  # A: the first A columns of the recurrent matmul's output are the attention query
+    gate: bool  # whether column A is f_β's (the β gate)
 
-    With ``static`` (N, k), the first k columns of W multiply inputs known before the loop (the
-    word embeddings, time-major: the rows of step t follow those of step t − 1). Their product is
-    computed outside with W detached, and the gradient of the whole W is one matmul, dyᵀ [static, x],
-    so the two halves of the LSTM's input weight never get zero-filled full-size gradients to add.
+
+class _TeacherForcedLoop(torch.autograd.Function):
+    """Show, Attend and Tell's time loop, forward and backward written out: no autograd inside it.
+
+    Rows are sorted longest first and packed time-major: the b_t rows of step t follow the
+    b_{t−1} of step t − 1 (see ``ShowAttendTellDecoder.forward``). Per step, forward is
+    [q; β; W_hh h] = W_r h_{t−1} + b_r (one matmul), attention (``LoopAttention``), the gates
+    E y W_e + β ẑ W_z + W_hh h + biases, and the LSTM's update in place in the gates' buffer, whose
+    activations backward reuses. Backward runs the steps in reverse with the same formulas
+    differentiated by hand; each weight's gradient is one matmul over all N positions after the
+    loop instead of one per step. Autograd's own bookkeeping per step (a node per op, zero-filled
+    gradients of every slice and chunk, ~50 small ops a step) cost about as much as the loop's
+    arithmetic on a CPU.
+
+    Inputs: h0, c0 (B, H); emb (N, E) word embeddings, time-major; keys (B, L, A); grid (B, L, D);
+    w_ih (4H, E + D) and b_ih (4H,) of the LSTM's input; w_rec (A [+1] + 4H, H) and b_rec, the
+    stacked query projection, f_β and W_hh (``_recurrent_weights``); score_w (1, A), score_b (1,).
+    Outputs, time-major: h_t (N, H), the gated context β ẑ_t (N, D), α_t (N, L).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, first, pending, static):  # type: ignore[override]
-        ctx.save_for_backward(x, weight)
-        ctx.first, ctx.pending, ctx.static = first, pending, static
-        cols = weight.shape[1] - x.shape[1]
-        return x @ weight[:, cols:].t()
+    def forward(ctx, h0, c0, emb, keys, grid, w_ih, b_ih, w_rec, b_rec, score_w, score_b, plan):  # type: ignore[override]
+        running, e, a = plan.running, plan.embed_dim, plan.att_dim
+        n, hid = sum(running), h0.shape[1]
+        g0 = a + int(plan.gate)  # the gates' first column in the recurrent matmul's output
+        att = LoopAttention(keys, grid, score_w.squeeze(0), float(score_b))
+        w_z = w_ih[:, e:]  # (4H, D)
+        acts = torch.addmm(b_ih, emb, w_ih[:, :e].t())  # (N, 4H): the word part; then the gates' activations
+        h_prev = h0.new_empty(n, hid)  # h_{t−1} of each position, for W_r's gradient
+        c_all, tanh_c, h_all = (h0.new_empty(n, hid) for _ in range(3))
+        z_all = grid.new_empty(n, grid.shape[2])  # ẑ_t before the gate
+        ctx_all = z_all if not plan.gate else grid.new_empty(n, grid.shape[2])  # β ẑ_t
+        alpha_all, query_all = keys.new_empty(n, keys.shape[1]), keys.new_empty(n, a)
+        beta_all = h0.new_empty(n, 1) if plan.gate else None
+        h, c, off = h0, c0, 0
+        for b in running:
+            rows = slice(off, off + b)
+            h_prev[rows] = h[:b]
+            fused = torch.addmm(b_rec, h[:b], w_rec.t())  # (b, A [+1] + 4H)
+            query_all[rows] = fused[:, :a]
+            alpha, z = att.forward(query_all[rows], b)
+            alpha_all[rows], z_all[rows] = alpha, z
+            if plan.gate:
+                beta = torch.sigmoid(fused[:, a:g0], out=beta_all[rows])  # (b, 1)
+                torch.mul(z, beta, out=ctx_all[rows])
+            gates = acts[rows]  # (b, 4H), a view: filled in place
+            gates.add_(fused[:, g0:]).addmm_(ctx_all[rows], w_z.t())
+            gates[:, : 2 * hid].sigmoid_()  # i, f
+            gates[:, 2 * hid : 3 * hid].tanh_()  # g
+            gates[:, 3 * hid :].sigmoid_()  # o
+            i, f, g, o = gates.chunk(4, dim=1)
+            c = torch.mul(f, c[:b], out=c_all[rows]).addcmul_(i, g)
+            h = torch.mul(o, torch.tanh(c, out=tanh_c[rows]), out=h_all[rows])
+            off += b
+        # outputs go through save_for_backward (kept on ctx, they would hold their own graph in a cycle)
+        ctx.save_for_backward(
+            h0, c0, emb, keys, grid, w_ih, w_rec, score_w, acts, h_prev, c_all, tanh_c, ctx_all, alpha_all
+        )  # fmt: skip
+        ctx.saved = (z_all if plan.gate else None, query_all, beta_all)
+        ctx.plan, ctx.score_b = plan, float(score_b)
+        return h_all, ctx_all, alpha_all
 
     @staticmethod
-    def backward(ctx, d_out):  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        cols = weight.shape[1] - x.shape[1]
-        d_x = d_out @ weight[:, cols:] if ctx.needs_input_grad[0] else None
-        d_w = None
-        if ctx.needs_input_grad[1]:
-            ctx.pending.append((d_out, x))
-            if ctx.first:
-                steps = ctx.pending[::-1]  # backward ran last step first; put them back in time order
-                d_all = torch.cat([d for d, _ in steps])  # (N, out)
-                x_all = torch.cat([x for _, x in steps])  # (N, in − k)
-                if ctx.static is not None:
-                    x_all = torch.cat([ctx.static, x_all], dim=1)  # (N, in)
-                d_w = d_all.t() @ x_all
-                ctx.pending.clear()
-        return d_x, d_w, None, None, None
-
-
-def _loop_linear(weight: Tensor, static: Tensor | None = None) -> Callable[[Tensor], Tensor]:
-    """``fn(x) = x @ weight[:, k:].t()`` for each step of one time loop (see ``_LoopLinear``).
-
-    ``static`` (N, k): the inputs of the first k columns for all steps, time-major; the caller
-    computes ``static @ weight[:, :k].detach().t()`` itself, and the gradient of all of ``weight``
-    comes from here.
-    """
-    pending: list[tuple[Tensor, Tensor]] = []
-    calls = 0
-
-    def linear(x: Tensor) -> Tensor:
-        nonlocal calls
-        first, calls = calls == 0, calls + 1
-        if not fast_loop(x):
-            return x @ weight[:, weight.shape[1] - x.shape[1] :].t()  # autograd handles mixed precision
-        return _LoopLinear.apply(x, weight, first, pending, None if static is None else static.detach())
-
-    return linear
+    def backward(ctx, d_h_all, d_ctx_all, d_alpha_all):  # type: ignore[override]
+        h0, c0, emb, keys, grid, w_ih, w_rec, score_w, acts, h_prev, c_all, tanh_c, ctx_all, alpha_all = (
+            ctx.saved_tensors
+        )
+        z_all, query_all, beta_all = ctx.saved
+        plan = ctx.plan
+        running, e, a = plan.running, plan.embed_dim, plan.att_dim
+        g0 = a + int(plan.gate)
+        needs = ctx.needs_input_grad
+        att = LoopAttention(keys, grid, score_w.squeeze(0), ctx.score_b, grid_grad=needs[4])
+        w_z = w_ih[:, e:]  # (4H, D)
+        d_fused_all = h0.new_empty(h_prev.shape[0], w_rec.shape[0])  # (N, A [+1] + 4H)
+        d_gates_all = d_fused_all[:, g0:]  # (N, 4H)
+        dh, dc = torch.zeros_like(h0), torch.zeros_like(c0)  # rows :b_t: the gradient reaching step t
+        starts = [0]
+        for b in running[:-1]:
+            starts.append(starts[-1] + b)
+        for t in reversed(range(len(running))):
+            b, off = running[t], starts[t]
+            rows = slice(off, off + b)
+            dh_t, dc_t = dh[:b], dc[:b]
+            dh_t += d_h_all[rows]
+            i, f, g, o = acts[rows].chunk(4, dim=1)
+            tc = tanh_c[rows]
+            c_prev = c0[:b] if t == 0 else c_all[starts[t - 1] : starts[t - 1] + b]
+            d_i, d_f, d_g, d_o = d_gates_all[rows].chunk(4, dim=1)
+            # h = o tanh(c), c = f c_{t−1} + i g; the gates' derivatives through σ and tanh
+            torch.mul(dh_t, tc, out=d_o).mul_(o).mul_(1 - o)
+            dc_t.addcmul_(dh_t * o, 1 - tc * tc)
+            torch.mul(dc_t, g, out=d_i).mul_(i).mul_(1 - i)
+            torch.mul(dc_t, c_prev, out=d_f).mul_(f).mul_(1 - f)
+            torch.mul(dc_t, i, out=d_g).mul_(1 - g * g)
+            dc_t.mul_(f)  # now the gradient reaching c_{t−1}
+            d_ctx = torch.addmm(d_ctx_all[rows], d_gates_all[rows], w_z)  # (b, D), of β ẑ_t
+            if plan.gate:
+                beta = beta_all[rows]
+                d_fused_all[rows, a] = (d_ctx * z_all[rows]).sum(dim=1) * (beta * (1 - beta)).squeeze(1)
+                d_ctx = d_ctx.mul_(beta)  # of ẑ_t
+            d_fused_all[rows, :a] = att.backward(query_all[rows], alpha_all[rows], d_alpha_all[rows], d_ctx, b)
+            torch.mm(d_fused_all[rows], w_rec, out=dh_t)  # the gradient reaching h_{t−1}
+        d_keys, d_grid, d_w, d_b = att.gradients()
+        d_w_ih = d_b_ih = d_emb = d_w_rec = d_b_rec = None
+        if needs[5]:
+            d_w_ih = d_gates_all.t() @ torch.cat([emb, ctx_all], dim=1)  # (4H, E + D), one matmul
+        if needs[6]:
+            d_b_ih = d_gates_all.sum(dim=0)
+        if needs[2]:
+            d_emb = d_gates_all @ w_ih[:, :e]
+        if needs[7]:
+            d_w_rec = d_fused_all.t() @ h_prev
+        if needs[8]:
+            d_b_rec = d_fused_all.sum(dim=0)
+        return (
+            dh, dc, d_emb, d_keys if needs[3] else None, d_grid, d_w_ih, d_b_ih, d_w_rec, d_b_rec,
+            d_w.unsqueeze(0) if needs[9] else None, d_b.reshape(1) if needs[10] else None, None,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -551,38 +622,28 @@ class ShowAttendTellDecoder(CaptionDecoder):
         h, c = self.init_state(mem)  # (B, H) each
 
         emb = self.embed(captions[rows, t_idx])  # (N, E) E y_{t−1} of every real position, time-major
-        w_ih = self.cell.weight_ih  # (4H, E + D): input [E y_{t−1}; ẑ_t]
-        e = self.embed_dim
-        # The word half of the LSTM input projection does not depend on h: one (N, E) @ (E, 4H) matmul.
-        # Its weight gradient comes, with the context half's, from ``context_linear`` (see _LoopLinear).
-        fast = fast_loop(emb)
-        w_word = w_ih[:, :e].detach() if fast else w_ih[:, :e]
-        gates_word = torch.addmm(self.cell.bias_ih, emb, w_word.t())  # (N, 4H)
-        context_linear = _loop_linear(w_ih, static=emb if fast else None)  # ẑ_t ↦ W_z ẑ_t, W_z = w_ih[:, E:]
-        weight, bias = self._recurrent_weights()
-        recurrent_linear = _loop_linear(weight)
-        attend = self.attention.over_steps(mem.keys, mem.grid)  # rows :b of the keys and grid at each step
+        if fast_loop(emb):
+            weight, bias = self._recurrent_weights()
+            plan = _LoopPlan(
+                running=running[:steps_run],
+                embed_dim=self.embed_dim,
+                att_dim=self.attention.query_proj.out_features,
+                gate=self.f_beta is not None,
+            )
+            score = self.attention.score
+            h_tm, z_tm, alpha_tm = _TeacherForcedLoop.apply(
+                h, c, emb, mem.keys, mem.grid, self.cell.weight_ih, self.cell.bias_ih, weight, bias,
+                score.weight, score.bias, plan,
+            )  # fmt: skip
+        else:
+            h_tm, z_tm, alpha_tm = self._plain_loop(h, c, emb, mem, running[:steps_run])
 
-        hs, contexts, alphas = [], [], []
-        # one split, whose backward is one concatenation, instead of a full-size zero-filled gradient per slice
-        word_steps = gates_word.split(running[:steps_run])
-        for t in range(steps_run):
-            b = running[t]
-            h, c = h[:b], c[:b]  # rows whose caption has ended drop out (sorted, so they are the last)
-            fused = recurrent_linear(h) + bias  # (b, A [+1] + 4H)
-            context, alpha, gates_h = self._attend(fused, lambda query, b=b: attend(query, b))
-            gates = word_steps[t] + gates_h + context_linear(context)  # (b, 4H)
-            h, c = self._lstm(gates, c)
-            hs.append(h)
-            contexts.append(context)
-            alphas.append(alpha)
-
-        h_all = torch.cat(hs).index_select(0, to_mask_order)  # (N, H), mask order
-        z_all = torch.cat(contexts).index_select(0, to_mask_order)  # (N, D)
+        h_all = h_tm.index_select(0, to_mask_order)  # (N, H), mask order
+        z_all = z_tm.index_select(0, to_mask_order)  # (N, D)
         # The deep output layer and L_o once, on the N real positions stacked: (N, E) @ (E, V).
         logits = self._output(emb.index_select(0, to_mask_order), h_all, z_all)  # (N, V)
 
-        alpha_all = torch.cat(alphas).index_select(0, to_mask_order)  # (N, L)
+        alpha_all = alpha_tm.index_select(0, to_mask_order)  # (N, L)
         alphas_t = alpha_all.new_zeros(batch, steps, alpha_all.shape[-1]).index_put((mask,), alpha_all)
         # Eq. 14 per image, summed over the batch and divided by the number of predicted tokens:
         # the same normalisation as the masked-mean cross-entropy, so λ keeps the paper's weight.
@@ -591,3 +652,25 @@ class ShowAttendTellDecoder(CaptionDecoder):
         return DecoderOutput(
             logits=logits, targets=captions[:, 1:][mask], mask=mask, alphas=alphas_t, aux_loss=self.alpha_c * penalty
         )
+
+    def _plain_loop(
+        self, h: Tensor, c: Tensor, emb: Tensor, mem: AttentionMemory, running: list[int]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``_TeacherForcedLoop``'s outputs through autograd, for autocast (which needs autograd's
+        casts): h_t, β ẑ_t and α_t of every real position, time-major."""
+        w_ih = self.cell.weight_ih  # (4H, E + D): input [E y_{t−1}; ẑ_t]
+        gates_word = torch.addmm(self.cell.bias_ih, emb, w_ih[:, : self.embed_dim].t())  # (N, 4H)
+        weight, bias = self._recurrent_weights()
+        hs, contexts, alphas = [], [], []
+        for t, gates_t in enumerate(gates_word.split(running)):
+            b = running[t]
+            h, c = h[:b], c[:b]  # rows whose caption has ended drop out (sorted, so they are the last)
+            context, alpha, gates_h = self._attend(
+                torch.addmm(bias, h, weight.t()),
+                lambda query, b=b: self.attention.attend(mem.keys[:b], mem.grid[:b], query),
+            )
+            h, c = self._lstm(gates_t + gates_h + context @ w_ih[:, self.embed_dim :].t(), c)
+            hs.append(h)
+            contexts.append(context)
+            alphas.append(alpha)
+        return torch.cat(hs), torch.cat(contexts), torch.cat(alphas)
