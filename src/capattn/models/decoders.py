@@ -290,9 +290,9 @@ class _TeacherForcedLoop(torch.autograd.Function):
     E y W_e + β ẑ W_z + W_hh h + biases, and the LSTM's update in place in the gates' buffer, whose
     activations backward reuses. Backward runs the steps in reverse with the same formulas
     differentiated by hand; each weight's gradient is one matmul over all N positions after the
-    loop instead of one per step. Autograd's own bookkeeping per step (a node per op, zero-filled
-    gradients of every slice and chunk, ~50 small ops a step) cost about as much as the loop's
-    arithmetic on a CPU.
+    loop instead of one per step. Autograd's own bookkeeping (a node per op, a zero-filled gradient
+    for every slice and chunk) is gone from the loop: at the paper's sizes on the 2-core CPU a
+    training step took about 4% less time (RESULTS.md, ninth session).
 
     Inputs: h0, c0 (B, H); emb (N, E) word embeddings, time-major; keys (B, L, A); grid (B, L, D);
     w_ih (4H, E + D) and b_ih (4H,) of the LSTM's input; w_rec (A [+1] + 4H, H) and b_rec, the
