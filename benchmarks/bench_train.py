@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     peak = matmul_peak_gflops(device, n=512 if args.quick else 2048)
     note = load_note()
-    t_all = {d: {name: median(xs) for name, xs in interleaved(build(d), repeats, device).items()} for d in dims}
+    raw = {d: interleaved(build(d), repeats, device) for d in dims}
+    t_all = {d: {name: median(xs) for name, xs in raw[d].items()} for d in dims}
     mems = peak_memory(argv, device, dims, build)
     rows = []
     for d in dims:
@@ -165,11 +166,17 @@ def main(argv: list[str] | None = None) -> int:
         }
         for name in t:
             gflops = flops[name] / t[name] / 1e9
-            ratio = (
-                f"{t[name] / t['tutorial']:.2f}× tutorial (FLOPs: {flops[name] / flops['tutorial']:.2f}×)"
-                if name != "show_tell"
-                else f"{t[name] / t['capattn']:.2f}× SAT"
-            )
+            # each repeat ran the two one after the other: the spread of their ratios shows the noise
+            paired = sorted(a / b for a, b in zip(raw[d][name], raw[d]["tutorial"], strict=True))
+            if name == "tutorial":
+                ratio = "1× tutorial"
+            elif name == "show_tell":
+                ratio = f"{t[name] / t['capattn']:.2f}× SAT"
+            else:
+                ratio = (
+                    f"{t[name] / t['tutorial']:.3f}× tutorial (repeats {paired[0]:.3f}–{paired[-1]:.3f}; "
+                    f"FLOPs: {flops[name] / flops['tutorial']:.3f}×)"
+                )
             rows.append(
                 [
                     labels[name],

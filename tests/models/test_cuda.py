@@ -1,8 +1,9 @@
 """The GPU paths against the CPU ones: same loss, gradients and captions; bf16 and compile_step.
 
-Skipped without CUDA. On the CPU, training and decoding take capattn's fused fast paths
-(hand-written attention gradients, the native kernels); on a GPU they take plain PyTorch with
-autograd, so these tests check that both give the same numbers (TF32 off, fp32 throughout).
+Skipped without CUDA. On the CPU, training and decoding run attention in capattn's C kernels; on
+a GPU the same hand-written teacher-forced loop (``_TeacherForcedLoop``) and decoding steps run
+it in PyTorch ops, so these tests check that both give the same numbers (TF32 off, fp32
+throughout).
 """
 
 from __future__ import annotations
