@@ -305,7 +305,8 @@ class _TeacherForcedLoop(torch.autograd.Function):
         running, e, a = plan.running, plan.embed_dim, plan.att_dim
         n, hid = sum(running), h0.shape[1]
         g0 = a + int(plan.gate)  # the gates' first column in the recurrent matmul's output
-        att = LoopAttention(keys, grid, score_w.squeeze(0), float(score_b))
+        bias = float(score_b)  # one read (on a GPU, one sync), for the forward and the backward
+        att = LoopAttention(keys, grid, score_w.squeeze(0), bias)
         w_z = w_ih[:, e:]  # (4H, D)
         acts = torch.addmm(b_ih, emb, w_ih[:, :e].t())  # (N, 4H): the word part; then the gates' activations
         h_prev = h0.new_empty(n, hid)  # h_{t−1} of each position, for W_r's gradient
@@ -339,7 +340,7 @@ class _TeacherForcedLoop(torch.autograd.Function):
             h0, c0, emb, keys, grid, w_ih, w_rec, score_w, acts, h_prev, c_all, tanh_c, ctx_all, alpha_all
         )  # fmt: skip
         ctx.saved = (z_all if plan.gate else None, query_all, beta_all)
-        ctx.plan, ctx.score_b = plan, float(score_b)
+        ctx.plan, ctx.score_b = plan, bias
         return h_all, ctx_all, alpha_all
 
     @staticmethod
@@ -656,8 +657,9 @@ class ShowAttendTellDecoder(CaptionDecoder):
     def _plain_loop(
         self, h: Tensor, c: Tensor, emb: Tensor, mem: AttentionMemory, running: list[int]
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """``_TeacherForcedLoop``'s outputs through autograd, for autocast (which needs autograd's
-        casts): h_t, β ẑ_t and α_t of every real position, time-major."""
+        """``_TeacherForcedLoop``'s outputs, h_t, β ẑ_t and α_t of every real position, time-major, where
+        it does not apply: through autograd under autocast (which needs autograd's casts), and without
+        autograd (e.g. a loss computed under ``torch.no_grad``)."""
         w_ih = self.cell.weight_ih  # (4H, E + D): input [E y_{t−1}; ẑ_t]
         gates_word = torch.addmm(self.cell.bias_ih, emb, w_ih[:, : self.embed_dim].t())  # (N, 4H)
         weight, bias = self._recurrent_weights()
