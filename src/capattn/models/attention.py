@@ -10,6 +10,13 @@ from capattn.models import native
 _CHUNK_ELEMENTS = 3 << 17  # floats per chunk of tanh(keys + q) built in cache (1.5 MB in fp32, within one core's L2)
 
 
+def _whole_batch(x: Tensor) -> bool:
+    """Whether ``LoopAttention`` runs each step's rows at once, in batched kernels (a GPU), rather than
+    in cache-sized chunks and per-image matrix-vector products (a CPU). A function, so that the
+    tests run the GPU's branches on a CPU."""
+    return x.device.type != "cpu"
+
+
 def fast_loop(x: Tensor) -> bool:
     """Whether a teacher-forced loop's hand-written gradients apply: training, without autocast
     (under autocast, autograd handles the mixed precision). Shared by the attention and the decoders."""
@@ -139,8 +146,10 @@ class LoopAttention:
     q), e = s w + b, α = softmax(e), ẑ = α grid. The (b, L, A) tensor s is never stored: forward and
     backward rebuild it, on a CPU in one fused pass per row (``native``), else a few rows at a time
     in one cache-sized buffer (a GPU streams it whole). The gradients of the keys, the grid and the
-    score's w and b are summed over the steps in buffers (``gradients``), instead of autograd
-    zero-padding each step's slice to (B, L, ·) and adding them up.
+    score's w are summed over the steps in buffers (``gradients``), instead of autograd
+    zero-padding each step's slice to (B, L, ·) and adding them up. ``forward`` and ``backward``
+    write into the loop's buffers and use one op where PyTorch has one (softmax's backward, a
+    batched matmul that adds), which matters where a step is bound by kernel launches (a GPU).
 
     Args:
         keys: (B, L, A) projected keys (detached).
@@ -158,65 +167,76 @@ class LoopAttention:
         self.d_grid: Tensor | None = None
         self._d_energy_sum: Tensor | None = None  # PyTorch path: Σ_t dE, w is applied once at the end
         self.d_w = weight.new_zeros(weight.shape)
-        self.d_bias = weight.new_zeros(())
 
     def _chunk(self, rows: int) -> tuple[Tensor, int]:
         """A buffer for s and how many rows fit in it: a few rows in a CPU's cache; all of them on a GPU."""
         keys = self.keys
-        if keys.device.type != "cpu":
+        if _whole_batch(keys):
             return keys.new_empty(rows, keys.shape[1], keys.shape[2]), rows
         chunk = max(1, min(keys.shape[0], _CHUNK_ELEMENTS // (keys.shape[1] * keys.shape[2])))
         if self._buf is None:
             self._buf = keys.new_empty(chunk, keys.shape[1], keys.shape[2])
         return self._buf, chunk
 
-    def forward(self, query: Tensor, rows: int) -> tuple[Tensor, Tensor]:
-        """α (b, L) and the context ẑ (b, D) of rows :b for their queries (b, A)."""
+    def forward(self, query: Tensor, rows: int, alpha: Tensor, context: Tensor) -> None:
+        """α (b, L) and the context ẑ (b, D) of rows :b for their queries (b, A), written into ``alpha``
+        and ``context`` (the loop's time-major buffers: no copy)."""
         keys = self.keys
         if self.native:
             energy = native.energy(keys[:rows], query.unsqueeze(1), self.w, self.bias).squeeze(1)  # (b, L)
-        else:
+        else:  # without the score's bias: it shifts a row's energies alike, which softmax ignores
             buf, chunk = self._chunk(rows)
             energy = keys.new_empty(rows, keys.shape[1])
             for i in range(0, rows, chunk):
                 j = min(i + chunk, rows)
                 s = torch.add(keys[i:j], query[i:j].unsqueeze(1), out=buf[: j - i]).tanh_()  # (c, L, A)
                 torch.matmul(s, self.w, out=energy[i:j])
-            energy.add_(self.bias)
-        alpha = energy.softmax(dim=-1)
-        return alpha, torch.bmm(alpha.unsqueeze(1), self.grid[:rows]).squeeze(1)
+        torch.softmax(energy, dim=-1, out=alpha)
+        torch.bmm(alpha.unsqueeze(1), self.grid[:rows], out=context.unsqueeze(1))
 
-    def backward(self, query: Tensor, alpha: Tensor, d_alpha: Tensor, d_context: Tensor, rows: int) -> Tensor:
-        """The queries' gradient (b, A) of one step; the keys', grid's, w's and b's are added to the sums.
+    def backward(
+        self, query: Tensor, alpha: Tensor, d_alpha: Tensor, d_context: Tensor, rows: int, d_query: Tensor
+    ) -> None:
+        """The queries' gradient of one step, written into ``d_query`` (b, A); the keys', grid's and
+        w's are added to the sums.
 
         ``d_alpha`` (b, L): the gradient of α itself (eq. 14's term); ``d_context`` (b, D): of ẑ.
         """
         keys, g = self.keys, self.grid[:rows]
-        d_alpha = d_alpha + (native.grid_times if self.native else _grid_times)(g, d_context)  # (b, L)
-        d_energy = alpha * (d_alpha - (d_alpha * alpha).sum(dim=-1, keepdim=True))  # softmax backward
+        if self.native:
+            d_alpha = native.grid_times(g, d_context).add_(d_alpha)  # (b, L)
+        elif _whole_batch(g):  # one kernel: the batched matmul adds d_alpha in its epilogue
+            d_alpha = torch.baddbmm(d_alpha.unsqueeze(2), g, d_context.unsqueeze(2)).squeeze(2)
+        else:
+            d_alpha = _grid_times(g, d_context).add_(d_alpha)
+        d_energy = torch._softmax_backward_data(d_alpha, alpha, -1, alpha.dtype)  # α ⊙ (dα − Σ α dα)
         if self.d_keys is None:
             self.d_keys = keys.new_zeros(keys.shape)
         if self.native:  # one pass rebuilds s and adds dE ⊗ w ⊙ (1 − s²) into the keys' gradient in place
-            d_query, d_w = native.energy_backward(keys, query, self.w, d_energy, self.d_keys)
+            d_q, d_w = native.energy_backward(keys, query, self.w, d_energy, self.d_keys)
+            d_query.copy_(d_q)
+            self.d_w += d_w
         else:
-            d_query, d_w = self._energy_backward(query, d_energy, rows)
-        self.d_w += d_w
-        self.d_bias += d_energy.sum()
+            self._energy_backward(query, d_energy, rows, d_query)
         if self.grid_grad:  # the encoder trains: α_iᵀ dẑ
             if self.d_grid is None:
                 self.d_grid = g.new_zeros(self.grid.shape)
             self.d_grid[:rows].baddbmm_(alpha.unsqueeze(2), d_context.unsqueeze(1))  # (b, L, D)
-        return d_query
 
     def gradients(self) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor]:
-        """The keys', grid's, w's and b's gradients summed over the steps (call once, after the last)."""
+        """The keys', grid's, w's and b's gradients summed over the steps (call once, after the last).
+
+        The score's bias b adds the same number to every energy of a row, which softmax ignores: its
+        gradient is exactly zero (autograd's Σ dE is zero up to rounding).
+        """
         d_keys = self.d_keys
         if d_keys is not None and not self.native:  # (Σ dE − Σ dE s²) w, see _energy_backward
             d_keys = d_keys.neg_().add_(self._d_energy_sum.unsqueeze(-1)).mul_(self.w)
-        return d_keys, self.d_grid, self.d_w, self.d_bias
+        return d_keys, self.d_grid, self.d_w, self.w.new_zeros(())
 
-    def _energy_backward(self, query: Tensor, d_energy: Tensor, rows: int) -> tuple[Tensor, Tensor]:
-        """PyTorch's backward of e = w · tanh(k + q) for rows :b: the query's and w's gradients.
+    def _energy_backward(self, query: Tensor, d_energy: Tensor, rows: int, d_query: Tensor) -> None:
+        """PyTorch's backward of e = w · tanh(k + q) for rows :b: the query's gradient into ``d_query``,
+        w's added to its sum.
 
         d(k + q) = dE ⊗ w ⊙ (1 − s²). w is the same at every step, so the keys' buffer sums dE ⊙ s²
         (B, L, A) and another sums dE (B, L); ``gradients`` applies w once.
@@ -225,15 +245,14 @@ class LoopAttention:
         if self._d_energy_sum is None:
             self._d_energy_sum = keys.new_zeros(keys.shape[:2])
         buf, chunk = self._chunk(rows)
-        d_w = torch.zeros_like(self.w)
-        d_query = torch.empty_like(query)  # (b, A)
         for i in range(0, rows, chunk):
             j = min(i + chunk, rows)
             s = torch.add(keys[i:j], query[i:j].unsqueeze(1), out=buf[: j - i]).tanh_()  # (c, L, A), rebuilt
             de = d_energy[i:j]  # (c, L)
-            d_w.addmv_(s.reshape(-1, s.shape[-1]).t(), de.reshape(-1))  # Σ dE s: (A,)
+            self.d_w.addmv_(s.reshape(-1, s.shape[-1]).t(), de.reshape(-1))  # Σ dE s: (A,)
             s2 = s.mul_(s)  # s², in place
-            d_query[i:j] = de.sum(dim=1, keepdim=True) - torch.bmm(de.unsqueeze(1), s2).squeeze(1)
+            # Σ_l dE_l (1 − s_l²), then times w: (c, A)
+            total = torch.baddbmm(de.sum(dim=1, keepdim=True).unsqueeze(2), de.unsqueeze(1), s2, alpha=-1)
+            torch.mul(total.squeeze(1), self.w, out=d_query[i:j])
             self.d_keys[i:j].addcmul_(s2, de.unsqueeze(-1))
-        self._d_energy_sum[:rows] += d_energy
-        return d_query.mul_(self.w), d_w  # Σ_l dE_l (1 − s_l²) w: (b, A)
+        self._d_energy_sum[:rows].add_(d_energy)  # (not +=, which would copy the slice back)

@@ -294,6 +294,13 @@ class _TeacherForcedLoop(torch.autograd.Function):
     for every slice and chunk) is gone from the loop: at the paper's sizes on the 2-core CPU a
     training step took about 4% less time (RESULTS.md, ninth session).
 
+    Few ops per step, because a GPU step at B=256 is bound by kernel launches: everything a step's
+    backward multiplies that does not depend on the incoming gradient (the gates' σ′ and tanh′
+    factors, β's, the previous h and c, the queries) is computed for all N positions before the
+    loop, and results are written into the time-major buffers instead of copied there. On the
+    GPU's branches a word now dispatches about 44 ops that launch kernels, forward and backward,
+    where it dispatched 81 (counted on a CPU: ``benchmarks/bench_launches.py``).
+
     Inputs: h0, c0 (B, H); emb (N, E) word embeddings, time-major; keys (B, L, A); grid (B, L, D);
     w_ih (4H, E + D) and b_ih (4H,) of the LSTM's input; w_rec (A [+1] + 4H, H) and b_rec, the
     stacked query projection, f_β and W_hh (``_recurrent_weights``); score_w (1, A), score_b (1,).
@@ -309,53 +316,78 @@ class _TeacherForcedLoop(torch.autograd.Function):
         att = LoopAttention(keys, grid, score_w.squeeze(0), bias)
         w_z = w_ih[:, e:]  # (4H, D)
         acts = torch.addmm(b_ih, emb, w_ih[:, :e].t())  # (N, 4H): the word part; then the gates' activations
-        h_prev = h0.new_empty(n, hid)  # h_{t−1} of each position, for W_r's gradient
         c_all, tanh_c, h_all = (h0.new_empty(n, hid) for _ in range(3))
         z_all = grid.new_empty(n, grid.shape[2])  # ẑ_t before the gate
         ctx_all = z_all if not plan.gate else grid.new_empty(n, grid.shape[2])  # β ẑ_t
-        alpha_all, query_all = keys.new_empty(n, keys.shape[1]), keys.new_empty(n, a)
+        alpha_all = keys.new_empty(n, keys.shape[1])
         beta_all = h0.new_empty(n, 1) if plan.gate else None
         h, c, off = h0, c0, 0
         for b in running:
             rows = slice(off, off + b)
-            h_prev[rows] = h[:b]
             fused = torch.addmm(b_rec, h[:b], w_rec.t())  # (b, A [+1] + 4H)
-            query_all[rows] = fused[:, :a]
-            alpha, z = att.forward(query_all[rows], b)
-            alpha_all[rows], z_all[rows] = alpha, z
+            att.forward(fused[:, :a], b, alpha_all[rows], z_all[rows])  # (backward recomputes the queries)
             if plan.gate:
                 beta = torch.sigmoid(fused[:, a:g0], out=beta_all[rows])  # (b, 1)
-                torch.mul(z, beta, out=ctx_all[rows])
+                torch.mul(z_all[rows], beta, out=ctx_all[rows])
             gates = acts[rows]  # (b, 4H), a view: filled in place
             gates.add_(fused[:, g0:]).addmm_(ctx_all[rows], w_z.t())
             gates[:, : 2 * hid].sigmoid_()  # i, f
-            gates[:, 2 * hid : 3 * hid].tanh_()  # g
-            gates[:, 3 * hid :].sigmoid_()  # o
             i, f, g, o = gates.chunk(4, dim=1)
+            g.tanh_(), o.sigmoid_()
             c = torch.mul(f, c[:b], out=c_all[rows]).addcmul_(i, g)
             h = torch.mul(o, torch.tanh(c, out=tanh_c[rows]), out=h_all[rows])
             off += b
         # outputs go through save_for_backward (kept on ctx, they would hold their own graph in a cycle)
         ctx.save_for_backward(
-            h0, c0, emb, keys, grid, w_ih, w_rec, score_w, acts, h_prev, c_all, tanh_c, ctx_all, alpha_all
+            h0, c0, emb, keys, grid, w_ih, w_rec, b_rec, score_w, acts, h_all, c_all, tanh_c, ctx_all, alpha_all
         )  # fmt: skip
-        ctx.saved = (z_all if plan.gate else None, query_all, beta_all)
+        ctx.saved = (z_all if plan.gate else None, beta_all)
         ctx.plan, ctx.score_b = plan, bias
         return h_all, ctx_all, alpha_all
 
     @staticmethod
+    def _previous(first: Tensor, per_step: Tensor, running: list[int]) -> Tensor:
+        """(N, ·): each position's value from the step before (``first``'s rows at step 0).
+
+        Time-major, position p of step t ≥ 1 continues position p − b_{t−1} of step t − 1.
+        """
+        steps = torch.tensor(running, dtype=torch.long)
+        shift = torch.repeat_interleave(steps[:-1], steps[1:])
+        index = (torch.arange(running[0], per_step.shape[0]) - shift).to(per_step.device, non_blocking=True)
+        return torch.cat([first[: running[0]], per_step.index_select(0, index)])
+
+    @staticmethod
     def backward(ctx, d_h_all, d_ctx_all, d_alpha_all):  # type: ignore[override]
-        h0, c0, emb, keys, grid, w_ih, w_rec, score_w, acts, h_prev, c_all, tanh_c, ctx_all, alpha_all = (
+        h0, c0, emb, keys, grid, w_ih, w_rec, b_rec, score_w, acts, h_all, c_all, tanh_c, ctx_all, alpha_all = (
             ctx.saved_tensors
         )
-        z_all, query_all, beta_all = ctx.saved
+        z_all, beta_all = ctx.saved
         plan = ctx.plan
         running, e, a = plan.running, plan.embed_dim, plan.att_dim
+        n, hid = h_all.shape
         g0 = a + int(plan.gate)
         needs = ctx.needs_input_grad
         att = LoopAttention(keys, grid, score_w.squeeze(0), ctx.score_b, grid_grad=needs[4])
         w_z = w_ih[:, e:]  # (4H, D)
-        d_fused_all = h0.new_empty(h_prev.shape[0], w_rec.shape[0])  # (N, A [+1] + 4H)
+        # What the steps' derivatives multiply, for all N positions at once (a few ops in all, not
+        # ~20 per step). h = o tanh(c) and c = f c_{t−1} + i g with σ' = σ(1 − σ), tanh' = 1 − tanh²:
+        #   d_i = dc · g σ'(i), d_f = dc · c_{t−1} σ'(f), d_g = dc · i (1 − g²), d_o = dh · tanh(c) σ'(o),
+        #   and dc gains dh · o (1 − tanh² c).
+        i, f, g, o = acts.chunk(4, dim=1)
+        sig_d = acts - acts * acts  # σ' of the i, f and o columns
+        coef = torch.empty_like(acts).view(n, 4, hid)  # (N, 4, H): the four gates' factors above
+        torch.mul(g, sig_d[:, :hid], out=coef[:, 0])
+        torch.mul(_TeacherForcedLoop._previous(c0, c_all, running), sig_d[:, hid : 2 * hid], out=coef[:, 1])
+        torch.mul(i, torch.rsub(g * g, 1), out=coef[:, 2])
+        torch.mul(tanh_c, sig_d[:, 3 * hid :], out=coef[:, 3])
+        dc_from_h = o * torch.rsub(tanh_c * tanh_c, 1)  # (N, H)
+        del sig_d
+        if plan.gate:  # ẑ σ'(β's pre-activation): β's gradient is dẑ · that
+            z_beta = z_all * beta_all * torch.rsub(beta_all, 1)  # (N, D)
+        h_prev = _TeacherForcedLoop._previous(h0, h_all, running)  # (N, H): h_{t−1} of each position
+        query_all = torch.addmm(b_rec[:a], h_prev, w_rec[:a].t())  # the forward's queries, in one matmul
+
+        d_fused_all = h0.new_empty(n, w_rec.shape[0])  # (N, A [+1] + 4H)
         d_gates_all = d_fused_all[:, g0:]  # (N, 4H)
         dh, dc = torch.zeros_like(h0), torch.zeros_like(c0)  # rows :b_t: the gradient reaching step t
         starts = [0]
@@ -366,23 +398,16 @@ class _TeacherForcedLoop(torch.autograd.Function):
             rows = slice(off, off + b)
             dh_t, dc_t = dh[:b], dc[:b]
             dh_t += d_h_all[rows]
-            i, f, g, o = acts[rows].chunk(4, dim=1)
-            tc = tanh_c[rows]
-            c_prev = c0[:b] if t == 0 else c_all[starts[t - 1] : starts[t - 1] + b]
-            d_i, d_f, d_g, d_o = d_gates_all[rows].chunk(4, dim=1)
-            # h = o tanh(c), c = f c_{t−1} + i g; the gates' derivatives through σ and tanh
-            torch.mul(dh_t, tc, out=d_o).mul_(o).mul_(1 - o)
-            dc_t.addcmul_(dh_t * o, 1 - tc * tc)
-            torch.mul(dc_t, g, out=d_i).mul_(i).mul_(1 - i)
-            torch.mul(dc_t, c_prev, out=d_f).mul_(f).mul_(1 - f)
-            torch.mul(dc_t, i, out=d_g).mul_(1 - g * g)
-            dc_t.mul_(f)  # now the gradient reaching c_{t−1}
+            dc_t.addcmul_(dh_t, dc_from_h[rows])
+            d_gates = d_gates_all[rows].view(b, 4, hid)
+            torch.mul(coef[rows, :3], dc_t.unsqueeze(1), out=d_gates[:, :3])
+            torch.mul(coef[rows, 3], dh_t, out=d_gates[:, 3])
+            dc_t.mul_(f[rows])  # now the gradient reaching c_{t−1}
             d_ctx = torch.addmm(d_ctx_all[rows], d_gates_all[rows], w_z)  # (b, D), of β ẑ_t
             if plan.gate:
-                beta = beta_all[rows]
-                d_fused_all[rows, a] = (d_ctx * z_all[rows]).sum(dim=1) * (beta * (1 - beta)).squeeze(1)
-                d_ctx = d_ctx.mul_(beta)  # of ẑ_t
-            d_fused_all[rows, :a] = att.backward(query_all[rows], alpha_all[rows], d_alpha_all[rows], d_ctx, b)
+                torch.bmm(d_ctx.unsqueeze(1), z_beta[rows].unsqueeze(2), out=d_fused_all[rows, a].view(b, 1, 1))
+                d_ctx = d_ctx.mul_(beta_all[rows])  # of ẑ_t
+            att.backward(query_all[rows], alpha_all[rows], d_alpha_all[rows], d_ctx, b, d_fused_all[rows, :a])
             torch.mm(d_fused_all[rows], w_rec, out=dh_t)  # the gradient reaching h_{t−1}
         d_keys, d_grid, d_w, d_b = att.gradients()
         d_w_ih = d_b_ih = d_emb = d_w_rec = d_b_rec = None
