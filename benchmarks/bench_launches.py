@@ -10,8 +10,8 @@ forward and backward (the loss included, no optimizer) on CPU tensors under a di
 the attention's GPU branches forced on (whole batches and batched matmuls, the fused C kernels off),
 so every op it counts is one a GPU would launch. The CPU's own paths are counted too. Views,
 allocations and other metadata ops launch nothing and are counted apart, as are reads of a value
-back to the host (``.item()``). (A step also reads three values back, each a synchronisation on a
-GPU: the rows still running at each word, whether the batch came sorted, and the score's bias.)
+back to the host (``.item()``). (A step reads two values back, each a synchronisation on a GPU:
+the rows still running at each word, and whether the batch came sorted.)
 
 It also times the step at negligible sizes (8 dims, 4 locations), where what is left is the host's
 cost of issuing the ops: the part of a GPU step that launches cost. Prints a table and appends it

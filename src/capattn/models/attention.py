@@ -155,7 +155,7 @@ class LoopAttention:
         keys: (B, L, A) projected keys (detached).
         grid: (B, L, D) annotation vectors (detached).
         weight: (A,) the score vector w (detached).
-        bias: the score's bias.
+        bias: the score's bias (softmax ignores it; the training loop passes 0 rather than read it).
         grid_grad: whether ``backward`` sums the grid's gradient (the encoder trains).
     """
 

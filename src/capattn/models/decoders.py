@@ -312,8 +312,9 @@ class _TeacherForcedLoop(torch.autograd.Function):
         running, e, a = plan.running, plan.embed_dim, plan.att_dim
         n, hid = sum(running), h0.shape[1]
         g0 = a + int(plan.gate)  # the gates' first column in the recurrent matmul's output
-        bias = float(score_b)  # one read (on a GPU, one sync), for the forward and the backward
-        att = LoopAttention(keys, grid, score_w.squeeze(0), bias)
+        # The score's bias is never read: it shifts a row's energies alike, which softmax ignores (and
+        # on a GPU each read is a sync). It is an input only to get its gradient, zero.
+        att = LoopAttention(keys, grid, score_w.squeeze(0), 0.0)
         w_z = w_ih[:, e:]  # (4H, D)
         acts = torch.addmm(b_ih, emb, w_ih[:, :e].t())  # (N, 4H): the word part; then the gates' activations
         c_all, tanh_c, h_all = (h0.new_empty(n, hid) for _ in range(3))
@@ -342,7 +343,7 @@ class _TeacherForcedLoop(torch.autograd.Function):
             h0, c0, emb, keys, grid, w_ih, w_rec, b_rec, score_w, acts, h_all, c_all, tanh_c, ctx_all, alpha_all
         )  # fmt: skip
         ctx.saved = (z_all if plan.gate else None, beta_all)
-        ctx.plan, ctx.score_b = plan, bias
+        ctx.plan = plan
         return h_all, ctx_all, alpha_all
 
     @staticmethod
@@ -367,7 +368,7 @@ class _TeacherForcedLoop(torch.autograd.Function):
         n, hid = h_all.shape
         g0 = a + int(plan.gate)
         needs = ctx.needs_input_grad
-        att = LoopAttention(keys, grid, score_w.squeeze(0), ctx.score_b, grid_grad=needs[4])
+        att = LoopAttention(keys, grid, score_w.squeeze(0), 0.0, grid_grad=needs[4])
         w_z = w_ih[:, e:]  # (4H, D)
         # What the steps' derivatives multiply, for all N positions at once (a few ops in all, not
         # ~20 per step). h = o tanh(c) and c = f c_{t−1} + i g with σ' = σ(1 − σ), tanh' = 1 − tanh²:
