@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # the host issues ops from one thread; tiny ops gain nothing from more
     try:
         rows = measure(batch, repeats)
+        title = results_title("bench_launches.py", args.quick, torch.device("cpu"))  # says "1 threads"
     finally:
         torch.set_num_threads(threads)  # the test suite calls main in its own process
     table = markdown_table(
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         f"V=100, one thread, median of {repeats}; {load_note()}.\n\n{table}\n"
     )
     print(table)
-    append_results(args.results, results_title("bench_launches.py", args.quick, torch.device("cpu")), body)
+    append_results(args.results, title, body)
     return 0
 
 
