@@ -271,6 +271,25 @@ class ShowTellDecoder(CaptionDecoder):
         )
 
 
+def _lstm_inplace(
+    gates: Tensor,
+    c: Tensor,
+    *,
+    c_out: Tensor | None = None,
+    tanh_out: Tensor | None = None,
+    h_out: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The LSTM's pointwise update without autograd, its activations written over ``gates`` (B, 4H),
+    in nn.LSTMCell's (i, f, g, o) order: 7 passes over (B, H). Returns h and c, written into the
+    ``*_out`` buffers where given (the teacher-forced loop keeps c, tanh c and h for its backward)."""
+    hidden = gates.shape[1] // 4
+    gates[:, : 2 * hidden].sigmoid_()  # i, f
+    i, f, g, o = gates.chunk(4, dim=1)
+    g.tanh_(), o.sigmoid_()
+    c = torch.mul(f, c, out=c_out).addcmul_(i, g)
+    return torch.mul(o, torch.tanh(c, out=tanh_out), out=h_out), c
+
+
 @dataclass(frozen=True)
 class _LoopPlan:
     """What ``_TeacherForcedLoop`` needs besides tensors: rows per step and the stacked layout."""
@@ -330,13 +349,9 @@ class _TeacherForcedLoop(torch.autograd.Function):
             if plan.gate:
                 beta = torch.sigmoid(fused[:, a:g0], out=beta_all[rows])  # (b, 1)
                 torch.mul(z_all[rows], beta, out=ctx_all[rows])
-            gates = acts[rows]  # (b, 4H), a view: filled in place
+            gates = acts[rows]  # (b, 4H), a view: filled in place, then holds the activations
             gates.add_(fused[:, g0:]).addmm_(ctx_all[rows], w_z.t())
-            gates[:, : 2 * hid].sigmoid_()  # i, f
-            i, f, g, o = gates.chunk(4, dim=1)
-            g.tanh_(), o.sigmoid_()
-            c = torch.mul(f, c[:b], out=c_all[rows]).addcmul_(i, g)
-            h = torch.mul(o, torch.tanh(c, out=tanh_c[rows]), out=h_all[rows])
+            h, c = _lstm_inplace(gates, c[:b], c_out=c_all[rows], tanh_out=tanh_c[rows], h_out=h_all[rows])
             off += b
         # outputs go through save_for_backward (kept on ctx, they would hold their own graph in a cycle)
         ctx.save_for_backward(
@@ -581,17 +596,6 @@ class ShowAttendTellDecoder(CaptionDecoder):
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         return torch.sigmoid(o) * torch.tanh(c), c
 
-    @staticmethod
-    def _lstm_inplace(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        """``_lstm`` without autograd, overwriting ``gates``: 7 passes over (B, H) instead of 11 new tensors."""
-        hidden = gates.shape[1] // 4
-        gates[:, : 2 * hidden].sigmoid_()  # i, f
-        i, f, g, o = gates.chunk(4, dim=1)
-        g.tanh_()
-        o.sigmoid_()
-        c = torch.addcmul(f * c, i, g)
-        return torch.tanh(c).mul_(o), c
-
     def _output(self, emb: Tensor, h: Tensor, context: Tensor) -> Tensor:
         """Eq. 7's deep output L_o(E y_{t−1} + L_h h_t + L_z ẑ_t) for any number of rows: (N, V)."""
         if self.L_h is None:
@@ -619,7 +623,7 @@ class ShowAttendTellDecoder(CaptionDecoder):
             h, c = self._lstm(gates, c)
         else:  # decoding: the same arithmetic, in place in the fused matmul's output (fewer passes per word)
             gates_h.addmm_(emb, w_ih[:, : self.embed_dim].t()).addmm_(context, w_ih[:, self.embed_dim :].t())
-            h, c = self._lstm_inplace(gates_h, c)
+            h, c = _lstm_inplace(gates_h, c)
         logits = self._output(emb, h, context)  # (B*K, V)
         return StepOutput(logprobs=_step_log_softmax(logits), state=(h, c), alpha=alpha)
 
