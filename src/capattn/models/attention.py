@@ -122,15 +122,13 @@ class SoftAttention(nn.Module):
 
 
 def _grid_times(grid: Tensor, vectors: Tensor) -> Tensor:
-    """(b, L, D) @ (b, D) → (b, L): each image's grid times its own vector.
+    """(b, L, D) @ (b, D) → (b, L) on a CPU without the fused kernels: each image's grid times its own vector.
 
-    On a CPU one matrix-vector product per image streams the grid at twice the speed of a batched
-    matmul with one column (measured: 1.1 ms against 2.1 ms for 32 × 196 × 2048), and the fused
-    kernel ``native.grid_times``, which shares all rows of a step out over the threads at once, faster
-    still (0.98 ms); a GPU prefers bmm.
+    One matrix-vector product per image streams the grid at twice the speed of a batched matmul with
+    one column (measured: 1.1 ms against 2.1 ms for 32 × 196 × 2048), and the fused kernel
+    ``native.grid_times``, which shares all rows of a step out over the threads at once, faster
+    still (0.98 ms). A GPU takes a batched matmul instead (``LoopAttention.backward``).
     """
-    if grid.device.type != "cpu":
-        return torch.bmm(grid, vectors.unsqueeze(2)).squeeze(2)
     out = vectors.new_empty(grid.shape[:2])
     for i in range(grid.shape[0]):
         torch.mv(grid[i], vectors[i], out=out[i])
@@ -143,7 +141,9 @@ class LoopAttention:
 
     The loop (``ShowAttendTellDecoder``'s ``_TeacherForcedLoop``) calls ``forward`` at each step,
     then in its backward calls ``backward`` at each step, last step first. Forward: s = tanh(keys +
-    q), e = s w + b, α = softmax(e), ẑ = α grid. The (b, L, A) tensor s is never stored: forward and
+    q), e = s w, α = softmax(e), ẑ = α grid (without the score's bias b: it adds the same number to
+    every energy of a row, which softmax ignores, so its gradient is zero and the caller need not
+    read it, which on a GPU is a sync). The (b, L, A) tensor s is never stored: forward and
     backward rebuild it, on a CPU in one fused pass per row (``native``), else a few rows at a time
     in one cache-sized buffer (a GPU streams it whole). The gradients of the keys, the grid and the
     score's w are summed over the steps in buffers (``gradients``), instead of autograd
@@ -155,12 +155,11 @@ class LoopAttention:
         keys: (B, L, A) projected keys (detached).
         grid: (B, L, D) annotation vectors (detached).
         weight: (A,) the score vector w (detached).
-        bias: the score's bias (softmax ignores it; the training loop passes 0 rather than read it).
         grid_grad: whether ``backward`` sums the grid's gradient (the encoder trains).
     """
 
-    def __init__(self, keys: Tensor, grid: Tensor, weight: Tensor, bias: float, *, grid_grad: bool = False) -> None:
-        self.keys, self.grid, self.w, self.bias, self.grid_grad = keys, grid, weight, bias, grid_grad
+    def __init__(self, keys: Tensor, grid: Tensor, weight: Tensor, *, grid_grad: bool = False) -> None:
+        self.keys, self.grid, self.w, self.grid_grad = keys, grid, weight, grid_grad
         self.native = native.usable(keys, grid, weight)
         self._buf: Tensor | None = None
         self.d_keys: Tensor | None = None
@@ -183,8 +182,8 @@ class LoopAttention:
         and ``context`` (the loop's time-major buffers: no copy)."""
         keys = self.keys
         if self.native:
-            energy = native.energy(keys[:rows], query.unsqueeze(1), self.w, self.bias).squeeze(1)  # (b, L)
-        else:  # without the score's bias: it shifts a row's energies alike, which softmax ignores
+            energy = native.energy(keys[:rows], query.unsqueeze(1), self.w, 0.0).squeeze(1)  # (b, L)
+        else:
             buf, chunk = self._chunk(rows)
             energy = keys.new_empty(rows, keys.shape[1])
             for i in range(0, rows, chunk):
@@ -223,16 +222,12 @@ class LoopAttention:
                 self.d_grid = g.new_zeros(self.grid.shape)
             self.d_grid[:rows].baddbmm_(alpha.unsqueeze(2), d_context.unsqueeze(1))  # (b, L, D)
 
-    def gradients(self) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor]:
-        """The keys', grid's, w's and b's gradients summed over the steps (call once, after the last).
-
-        The score's bias b adds the same number to every energy of a row, which softmax ignores: its
-        gradient is exactly zero (autograd's Σ dE is zero up to rounding).
-        """
+    def gradients(self) -> tuple[Tensor | None, Tensor | None, Tensor]:
+        """The keys', grid's and w's gradients summed over the steps (call once, after the last)."""
         d_keys = self.d_keys
         if d_keys is not None and not self.native:  # (Σ dE − Σ dE s²) w, see _energy_backward
             d_keys = d_keys.neg_().add_(self._d_energy_sum.unsqueeze(-1)).mul_(self.w)
-        return d_keys, self.d_grid, self.d_w, self.w.new_zeros(())
+        return d_keys, self.d_grid, self.d_w
 
     def _energy_backward(self, query: Tensor, d_energy: Tensor, rows: int, d_query: Tensor) -> None:
         """PyTorch's backward of e = w · tanh(k + q) for rows :b: the query's gradient into ``d_query``,

@@ -331,9 +331,8 @@ class _TeacherForcedLoop(torch.autograd.Function):
         running, e, a = plan.running, plan.embed_dim, plan.att_dim
         n, hid = sum(running), h0.shape[1]
         g0 = a + int(plan.gate)  # the gates' first column in the recurrent matmul's output
-        # The score's bias is never read: it shifts a row's energies alike, which softmax ignores (and
-        # on a GPU each read is a sync). It is an input only to get its gradient, zero.
-        att = LoopAttention(keys, grid, score_w.squeeze(0), 0.0)
+        # The score's bias is never read (see LoopAttention): it is an input only to get its gradient, zero.
+        att = LoopAttention(keys, grid, score_w.squeeze(0))
         w_z = w_ih[:, e:]  # (4H, D)
         acts = torch.addmm(b_ih, emb, w_ih[:, :e].t())  # (N, 4H): the word part; then the gates' activations
         c_all, tanh_c, h_all = (h0.new_empty(n, hid) for _ in range(3))
@@ -383,7 +382,7 @@ class _TeacherForcedLoop(torch.autograd.Function):
         n, hid = h_all.shape
         g0 = a + int(plan.gate)
         needs = ctx.needs_input_grad
-        att = LoopAttention(keys, grid, score_w.squeeze(0), 0.0, grid_grad=needs[4])
+        att = LoopAttention(keys, grid, score_w.squeeze(0), grid_grad=needs[4])
         w_z = w_ih[:, e:]  # (4H, D)
         # What the steps' derivatives multiply, for all N positions at once (a few ops in all, not
         # ~20 per step). h = o tanh(c) and c = f c_{t−1} + i g with σ' = σ(1 − σ), tanh' = 1 − tanh²:
@@ -425,7 +424,7 @@ class _TeacherForcedLoop(torch.autograd.Function):
                 d_ctx = d_ctx.mul_(beta_all[rows])  # of ẑ_t
             att.backward(query_all[rows], alpha_all[rows], d_alpha_all[rows], d_ctx, b, d_fused_all[rows, :a])
             torch.mm(d_fused_all[rows], w_rec, out=dh_t)  # the gradient reaching h_{t−1}
-        d_keys, d_grid, d_w, d_b = att.gradients()
+        d_keys, d_grid, d_w = att.gradients()
         d_w_ih = d_b_ih = d_emb = d_w_rec = d_b_rec = None
         if needs[5]:
             d_w_ih = d_gates_all.t() @ torch.cat([emb, ctx_all], dim=1)  # (4H, E + D), one matmul
@@ -439,7 +438,7 @@ class _TeacherForcedLoop(torch.autograd.Function):
             d_b_rec = d_fused_all.sum(dim=0)
         return (
             dh, dc, d_emb, d_keys if needs[3] else None, d_grid, d_w_ih, d_b_ih, d_w_rec, d_b_rec,
-            d_w.unsqueeze(0) if needs[9] else None, d_b.reshape(1) if needs[10] else None, None,
+            d_w.unsqueeze(0) if needs[9] else None, score_w.new_zeros(1) if needs[10] else None, None,
         )  # fmt: skip
 
 
