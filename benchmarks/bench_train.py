@@ -166,13 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         }
         for name in t:
             gflops = flops[name] / t[name] / 1e9
-            # each repeat ran the two one after the other: the spread of their ratios shows the noise
-            paired = sorted(a / b for a, b in zip(raw[d][name], raw[d]["tutorial"], strict=True))
             if name == "tutorial":
                 ratio = "1× tutorial"
             elif name == "show_tell":
                 ratio = f"{t[name] / t['capattn']:.2f}× SAT"
             else:
+                # each repeat ran the two one after the other: the spread of their ratios shows the noise
+                paired = sorted(a / b for a, b in zip(raw[d][name], raw[d]["tutorial"], strict=True))
                 ratio = (
                     f"{t[name] / t['tutorial']:.3f}× tutorial (repeats {paired[0]:.3f}–{paired[-1]:.3f}; "
                     f"FLOPs: {flops[name] / flops['tutorial']:.3f}×)"
