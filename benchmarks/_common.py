@@ -41,7 +41,10 @@ def cpu_name() -> str:
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    isa = "AVX-512" if "avx512f" in _cpu_flags() else "AVX2" if "avx2" in _cpu_flags() else "no AVX2"
+    flags = _cpu_flags()
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    if "amx_bf16" in flags:  # bf16 matrix units: bf16-mixed rows run several times faster than fp32 here
+        isa += " + AMX"
     kernels = "fused attention kernels on" if native.kernels() is not None else "fused attention kernels off"
     return f"CPU {cpu_name()}, {os.cpu_count()} cores, {isa}, {torch.get_num_threads()} threads, {kernels}"
 
@@ -186,6 +189,14 @@ def return_freed_memory_to_the_os() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device multiplies bf16 matrices in hardware (a GPU from Ampere on; a CPU with
+    AVX-512 BF16 or AMX, through oneDNN), where bf16-mixed rows are worth timing."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048) -> float:

@@ -37,6 +37,7 @@ from _common import (  # noqa: E402
     markdown_table,
     matmul_peak_gflops,
     median,
+    native_bf16,
     peak_memory_mb,
     results_title,
     return_freed_memory_to_the_os,
@@ -57,6 +58,7 @@ def train_step(decoder, optimizer, loss_fn):
         loss.backward()
         optimizer.step()
 
+    step.loss_fn, step.optimizer = loss_fn, optimizer
     return step
 
 
@@ -70,13 +72,29 @@ def capattn_loss(decoder, enc, tokens, lengths):
     return loss
 
 
-def capattn_adam(model):
-    """Adam as ``CaptioningModule.configure_optimizers`` builds it at fp32: torch's fused kernel on a CPU."""
-    return with_fused_cpu_kernel(torch.optim.Adam(model.parameters()), precision="32-true")
+def capattn_adam(model, precision: str = "32-true"):
+    """Adam as ``CaptioningModule.configure_optimizers`` builds it: torch's fused kernel on a CPU."""
+    return with_fused_cpu_kernel(torch.optim.Adam(model.parameters()), precision=precision)
 
 
-def step_fns(d: int, batch: int, s: dict, sizes: dict, device: torch.device, tokens, lengths) -> dict:
-    """The three timed steps at grid 196×d, after checking that capattn and the baseline agree on the loss."""
+def bf16_mixed(step, device: torch.device):
+    """``step`` as Lightning's ``bf16-mixed`` runs it: forward under bf16 autocast, backward and Adam after."""
+
+    def run() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = step.loss_fn()
+        step.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        step.optimizer.step()
+
+    return run
+
+
+def step_fns(
+    d: int, batch: int, s: dict, sizes: dict, device: torch.device, tokens, lengths, bf16: bool = False
+) -> dict:
+    """The timed steps at grid 196×d, after checking that capattn and the baseline agree on the loss.
+    With ``bf16``, each also under bf16-mixed."""
     common = dict(vocab_size=s["vocab"], embed_dim=s["embed_dim"], hidden_dim=s["hidden_dim"], dropout=0.5)
     torch.manual_seed(0)
     enc = features(batch, d, device=device)
@@ -89,16 +107,27 @@ def step_fns(d: int, batch: int, s: dict, sizes: dict, device: torch.device, tok
         theirs = tutorial_loss(sat, enc.grid, tokens, lengths)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     sat.train(), st.train()
-    return {
-        "tutorial": train_step(
-            sat, torch.optim.Adam(sat.parameters()), lambda: tutorial_loss(sat, enc.grid, tokens, lengths)
-        ),
-        "capattn": train_step(sat, capattn_adam(sat), capattn_loss(sat, enc, tokens, lengths)),
-        "capattn_torch": without_attention_kernels(
-            train_step(sat, capattn_adam(sat), capattn_loss(sat, enc, tokens, lengths))
-        ),
-        "show_tell": train_step(st, capattn_adam(st), capattn_loss(st, enc, tokens, lengths)),
+
+    def tutorial():  # torch's default Adam, as tutorials use it
+        loss = lambda: tutorial_loss(sat, enc.grid, tokens, lengths)  # noqa: E731
+        return train_step(sat, torch.optim.Adam(sat.parameters()), loss)
+
+    def ours(decoder, precision: str = "32-true"):
+        return train_step(decoder, capattn_adam(decoder, precision), capattn_loss(decoder, enc, tokens, lengths))
+
+    fns = {
+        "tutorial": tutorial(),
+        "capattn": ours(sat),
+        "capattn_torch": without_attention_kernels(ours(sat)),
+        "show_tell": ours(st),
     }
+    if bf16:
+        fns |= {
+            "tutorial_bf16": bf16_mixed(tutorial(), device),
+            "capattn_bf16": bf16_mixed(ours(sat, "bf16-mixed"), device),
+            "show_tell_bf16": bf16_mixed(ours(st, "bf16-mixed"), device),
+        }
+    return fns
 
 
 def measure_peaks(device: torch.device, dims, build) -> dict[int, dict[str, float]]:
@@ -123,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat, for the test suite")
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time each step under bf16-mixed (default: where the device multiplies bf16 natively)",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="Markdown file the results are appended to")
     parser.add_argument("--peak-memory", action="store_true", help=argparse.SUPPRESS)  # the child run, see above
     args = parser.parse_args(argv)
@@ -134,9 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     batch, repeats = (4, 1) if args.quick else (args.batch, args.repeats)
     s = {**PAPER, **sizes}
     tokens, lengths = caption_batch(batch, s["vocab"], device=device, longest_first=True)
+    bf16 = native_bf16(device) if args.bf16 is None else args.bf16
 
     def build(d: int) -> dict:
-        return step_fns(d, batch, s, sizes, device, tokens, lengths)
+        return step_fns(d, batch, s, sizes, device, tokens, lengths, bf16=bf16)
 
     if args.peak_memory:
         return_freed_memory_to_the_os()  # before the warm-up, or its freed blocks would hide the peak
@@ -145,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure_peaks(device, dims, build)))
         return 0
     peak = matmul_peak_gflops(device, n=512 if args.quick else 2048)
+    peak_bf16 = matmul_peak_gflops(device, torch.bfloat16, n=512 if args.quick else 2048) if bf16 else None
     note = load_note()
     raw = {d: interleaved(build(d), repeats, device) for d in dims}
     t_all = {d: {name: median(xs) for name, xs in raw[d].items()} for d in dims}
@@ -164,12 +201,16 @@ def main(argv: list[str] | None = None) -> int:
             "capattn_torch": "SAT, capattn, attention in PyTorch (CAPATTN_NATIVE=0)",
             "show_tell": "Show and Tell, capattn",
         }
+        for name in ("tutorial", "capattn", "show_tell"):
+            flops[f"{name}_bf16"] = flops[name]
+            labels[f"{name}_bf16"] = f"{labels[name]}, bf16-mixed"
         for name in t:
             gflops = flops[name] / t[name] / 1e9
+            bf16_row = name.endswith("_bf16")
             if name == "tutorial":
                 ratio = "1× tutorial"
-            elif name == "show_tell":
-                ratio = f"{t[name] / t['capattn']:.2f}× SAT"
+            elif name.startswith("show_tell"):
+                ratio = f"{t[name] / t[name.replace('show_tell', 'capattn')]:.2f}× SAT"
             else:
                 # each repeat ran the two one after the other: the spread of their ratios shows the noise
                 paired = sorted(a / b for a, b in zip(raw[d][name], raw[d]["tutorial"], strict=True))
@@ -177,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{t[name] / t['tutorial']:.3f}× tutorial (repeats {paired[0]:.3f}–{paired[-1]:.3f}; "
                     f"FLOPs: {flops[name] / flops['tutorial']:.3f}×)"
                 )
+                if name == "capattn_bf16":
+                    ratio += f"; {t[name] / t['tutorial_bf16']:.3f}× tutorial bf16-mixed"
+                    ratio += f"; {t[name] / t['capattn']:.2f}× capattn fp32"
             rows.append(
                 [
                     labels[name],
@@ -184,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{1000 * t[name]:.0f}",
                     f"{batch / t[name]:.0f}",
                     f"{flops[name] / 1e9:.1f}",
-                    f"{gflops:.0f} ({100 * gflops / peak:.0f}%)",
+                    f"{gflops:.0f} ({100 * gflops / (peak_bf16 if bf16_row else peak):.0f}%)",
                     f"{mem[name]:.0f}",
                     ratio,
                 ]
@@ -205,9 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     title = results_title("bench_train.py", args.quick, device)
     body = (
         f"B={batch}, V={s['vocab']}, {s['embed_dim']} dims, {int(words)} predicted words (COCO-like lengths), "
-        f"fp32, cached features, batch rows longest first; Adam (capattn: torch's fused CPU kernel, as "
+        f"fp32"
+        + (" and bf16-mixed (forward under bf16 autocast, as Lightning's precision=bf16-mixed)" if bf16 else "")
+        + f", cached features, batch rows longest first; Adam (capattn: torch's fused CPU kernel, as "
         f"configure_optimizers picks it; tutorial: torch's default); median of {repeats} interleaved repeats; {note}; "
-        f"measured matmul peak {peak:.0f} GFLOP/s (2048² fp32). Model GFLOP counts each implementation's own "
+        f"measured matmul peak {peak:.0f} GFLOP/s (2048² fp32)"
+        + (f", {peak_bf16:.0f} in bf16 (the bf16-mixed rows' %)" if bf16 else "")
+        + ". Model GFLOP counts each implementation's own "
         f"matmul work (the baseline projects the keys again at every word). The tutorial-style baseline is "
         f"benchmarks/tutorial.py, same parameters, same loss (checked). 'Attention in PyTorch': capattn's step "
         f"with its fused CPU attention kernels off.\n\n{table}\n"

@@ -17,12 +17,6 @@ def _whole_batch(x: Tensor) -> bool:
     return x.device.type != "cpu"
 
 
-def fast_loop(x: Tensor) -> bool:
-    """Whether a teacher-forced loop's hand-written gradients apply: training, without autocast
-    (under autocast, autograd handles the mixed precision). Shared by the attention and the decoders."""
-    return torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
-
-
 class SoftAttention(nn.Module):
     """Additive attention: e_ti = wᵀ tanh(W_a a_i + W_h h_{t−1}), α_t = softmax(e_t), ẑ_t = Σ_i α_ti a_i.
 

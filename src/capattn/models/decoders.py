@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from capattn.models import native
-from capattn.models.attention import LoopAttention, SoftAttention, fast_loop
+from capattn.models.attention import LoopAttention, SoftAttention
 from capattn.models.encoder import EncoderOutput
 
 Memory = Any  # per-image tensors computed once by ``prepare`` (batch-first)
@@ -373,6 +373,12 @@ class _TeacherForcedLoop(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_h_all, d_ctx_all, d_alpha_all):  # type: ignore[override]
+        # Autocast stays off, as in the forward: a backward may run inside the forward's autocast region.
+        with torch.autocast(d_h_all.device.type, enabled=False):
+            return _TeacherForcedLoop._backward(ctx, d_h_all, d_ctx_all, d_alpha_all)
+
+    @staticmethod
+    def _backward(ctx, d_h_all, d_ctx_all, d_alpha_all):
         h0, c0, emb, keys, grid, w_ih, w_rec, b_rec, score_w, acts, h_all, c_all, tanh_c, ctx_all, alpha_all = (
             ctx.saved_tensors
         )
@@ -632,6 +638,14 @@ class ShowAttendTellDecoder(CaptionDecoder):
         Rows are sorted by length so the rows still running at step t are the first b_t (a shrinking
         batch, as in a PackedSequence); nothing is computed for padded steps. Real positions are
         packed time-major while the loop runs, then put back in ``mask`` order for the output layer.
+
+        Under autocast (``--trainer.precision=bf16-mixed``) the time loop runs with autocast off, in
+        the parameters' dtype: the recurrence, the attention and their hand-written gradients stay in
+        fp32, as numerically safest. Autocast's dtype applies to the work outside the loop, which at
+        the paper's sizes is most of the step's matmul work: the keys' projection, the initial
+        state, the deep output layer, and their gradients. On a CPU with bf16 matrix units (AMX),
+        at the paper's sizes, a step takes 0.81× the fp32 step this way; with autograd through the
+        loop under autocast, as before, it took 1.4× (RESULTS.md, eleventh session).
         """
         batch, steps = captions.shape[0], captions.shape[1] - 1
         mask = _target_mask(lengths, steps)  # (B, T−1)
@@ -648,23 +662,16 @@ class ShowAttendTellDecoder(CaptionDecoder):
 
         identity = bool((order == torch.arange(batch, device=order.device)).all())
         grid = enc.grid if identity else enc.grid.index_select(0, order)  # (B, L, D) sorted
-        mem = self.prepare(EncoderOutput(grid=grid, pooled=enc.pooled))
+        training = torch.is_grad_enabled()  # the hand-written loop; without autograd, ``_plain_loop``
+        if training:  # the grid as given, even under autocast (``prepare`` casts it for decoding's words)
+            mem = AttentionMemory(grid=grid, keys=self.attention.project_keys(grid))
+        else:
+            mem = self.prepare(EncoderOutput(grid=grid, pooled=enc.pooled))
         h, c = self.init_state(mem)  # (B, H) each
 
         emb = self.embed(captions[rows, t_idx])  # (N, E) E y_{t−1} of every real position, time-major
-        if fast_loop(emb):
-            weight, bias = self._recurrent_weights()
-            plan = _LoopPlan(
-                running=running[:steps_run],
-                embed_dim=self.embed_dim,
-                att_dim=self.attention.query_proj.out_features,
-                gate=self.f_beta is not None,
-            )
-            score = self.attention.score
-            h_tm, z_tm, alpha_tm = _TeacherForcedLoop.apply(
-                h, c, emb, mem.keys, mem.grid, self.cell.weight_ih, self.cell.bias_ih, weight, bias,
-                score.weight, score.bias, plan,
-            )  # fmt: skip
+        if training:
+            h_tm, z_tm, alpha_tm = self._fast_loop(h, c, emb, mem, running[:steps_run])
         else:
             h_tm, z_tm, alpha_tm = self._plain_loop(h, c, emb, mem, running[:steps_run])
 
@@ -683,12 +690,32 @@ class ShowAttendTellDecoder(CaptionDecoder):
             logits=logits, targets=captions[:, 1:][mask], mask=mask, alphas=alphas_t, aux_loss=self.alpha_c * penalty
         )
 
+    def _fast_loop(
+        self, h: Tensor, c: Tensor, emb: Tensor, mem: AttentionMemory, running: list[int]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``_TeacherForcedLoop``: h_t, β ẑ_t and α_t of every real position, time-major, in the
+        parameters' dtype with autocast off (under autocast the loop's inputs arrive in its dtype)."""
+        dtype = self.cell.weight_ih.dtype
+        with torch.autocast(emb.device.type, enabled=False):
+            weight, bias = self._recurrent_weights()
+            plan = _LoopPlan(
+                running=running,
+                embed_dim=self.embed_dim,
+                att_dim=self.attention.query_proj.out_features,
+                gate=self.f_beta is not None,
+            )
+            score = self.attention.score
+            return _TeacherForcedLoop.apply(
+                h.to(dtype), c.to(dtype), emb.to(dtype), mem.keys.to(dtype), mem.grid.to(dtype),
+                self.cell.weight_ih, self.cell.bias_ih, weight, bias, score.weight, score.bias, plan,
+            )  # fmt: skip
+
     def _plain_loop(
         self, h: Tensor, c: Tensor, emb: Tensor, mem: AttentionMemory, running: list[int]
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """``_TeacherForcedLoop``'s outputs, h_t, β ẑ_t and α_t of every real position, time-major, where
-        it does not apply: through autograd under autocast (which needs autograd's casts), and without
-        autograd (e.g. a loss computed under ``torch.no_grad``)."""
+        """``_TeacherForcedLoop``'s outputs, h_t, β ẑ_t and α_t of every real position, time-major,
+        without autograd (e.g. a loss computed under ``torch.no_grad``), where its saved activations
+        would be wasted."""
         w_ih = self.cell.weight_ih  # (4H, E + D): input [E y_{t−1}; ẑ_t]
         gates_word = torch.addmm(self.cell.bias_ih, emb, w_ih[:, : self.embed_dim].t())  # (N, 4H)
         weight, bias = self._recurrent_weights()
