@@ -8,6 +8,7 @@ import functools
 import pytest
 import torch
 
+from capattn import decoding
 from capattn.decoding import Captions, _forbid, beam_search, greedy, length_penalty, sample, tree_map
 from capattn.models.decoders import CaptionDecoder, ShowAttendTellDecoder, ShowTellDecoder, StepOutput
 from capattn.models.encoder import EncoderOutput
@@ -531,11 +532,16 @@ def test_decoding_flushes_denormals_only_while_it_runs(before, search):
 
 @pytest.mark.parametrize("features", [torch.float32, torch.bfloat16], ids=["fp32_features", "bf16_features"])
 @pytest.mark.parametrize("search", ["greedy", "beam"])
-def test_decoding_runs_under_bf16_autocast(search, features):
-    """The bf16 switch (trainer.precision=bf16-mixed) decodes too: the in-place fast path steps aside.
-    Under Lightning the encoder runs in autocast too, so the features arrive in bf16 (as on the GPU,
-    where a bf16 run once failed in validation); the scores are summed in float32 all the same, and
-    images that finish early (compacted out of the batch) keep theirs."""
+@pytest.mark.parametrize("way", ["cpu", "gpu_way"])
+def test_decoding_runs_under_bf16_autocast(search, features, way, monkeypatch):
+    """The bf16 switch (trainer.precision=bf16-mixed) decodes too. Under Lightning the encoder runs
+    in autocast too, so the features arrive in bf16 (as on the GPU, where a bf16 run once failed in
+    validation). On a CPU the search steps out of autocast and decodes in fp32, where it is faster:
+    the captions and scores of an fp32 search of the same features. The GPU's way, in bf16 with the
+    in-place fast path aside, still sums scores in float32, and images that finish early (compacted
+    out of the batch) keep theirs."""
+    if way == "gpu_way":
+        monkeypatch.setattr(decoding, "_fp32_detour", lambda enc: False)
     dec = copy.deepcopy(ragged_decoder("show_attend_tell")).float()  # autocast leaves float64 alone
     grid = ragged_images(64, seed=7)[0].grid.to(features)
     enc = EncoderOutput(grid=grid, pooled=grid.mean(1))
@@ -546,6 +552,9 @@ def test_decoding_runs_under_bf16_autocast(search, features):
     assert out.scores.dtype == torch.float32 and torch.isfinite(out.scores).all() and out.alphas is not None
     lengths = (out.tokens[:, 0] != PAD).sum(-1)
     assert lengths.unique().numel() > 2  # images left the batch at different steps: compaction ran
+    if way == "cpu":
+        in_fp32 = run(dec, EncoderOutput(grid=grid.float(), pooled=grid.float().mean(1)), max_len=12, **SPECIAL)
+        assert torch.equal(out.tokens, in_fp32.tokens) and torch.equal(out.scores, in_fp32.scores)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["adam", "fused_adam"])

@@ -121,6 +121,25 @@ def _topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return x.topk(k, dim=-1)
 
 
+def _fp32_detour(enc: EncoderOutput) -> bool:
+    """Whether a search steps out of autocast: on a CPU, where bf16 decoding is slower than fp32.
+
+    The CPU's decoding fast paths (the fused C kernels, in-place steps, the folded output layer) are
+    fp32-only, and autocast casts weights at every word: at the paper's sizes over 100 images,
+    greedy ran 1.5× and beam 5 2.2× slower under bf16 autocast than in fp32, on a CPU with bf16
+    matrix units. So ``--trainer.precision=bf16-mixed`` validates and tests on a CPU in fp32, which
+    is also exact. A GPU decodes faster in bf16 (RESULTS.md) and keeps autocast. A function, so that
+    the tests run the GPU's way on a CPU.
+    """
+    return enc.pooled.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+
+
+def _in_fp32(decoder: CaptionDecoder, enc: EncoderOutput) -> EncoderOutput:
+    """``enc`` in the decoder's dtype: under autocast the encoder's features may arrive in bf16."""
+    dtype = next((p.dtype for p in decoder.parameters() if p.is_floating_point()), torch.float32)
+    return tree_map(lambda x: x.to(dtype) if x.is_floating_point() else x, enc)
+
+
 def _score_dtype(enc: EncoderOutput) -> torch.dtype:
     """Captions' summed log-probabilities: float32 at least. Under mixed precision the encoder's
     features are bf16/fp16 while log-softmax runs in float32; summing 20 words in bf16 (8 bits of
@@ -212,6 +231,9 @@ def greedy(decoder: CaptionDecoder, enc: EncoderOutput, *, bos: int, eos: int, p
     Returns:
         Captions with K = 1.
     """
+    if _fp32_detour(enc):
+        with torch.autocast("cpu", enabled=False):
+            return greedy(decoder, _in_fp32(decoder, enc), bos=bos, eos=eos, pad=pad, max_len=max_len)
     return _one_token_at_a_time(
         decoder, enc, bos=bos, eos=eos, pad=pad, max_len=max_len, pick=lambda lp: lp.max(-1).indices, compact=True
     )
@@ -284,6 +306,12 @@ def beam_search(
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be ≥ 1, got {beam_size}")
+    if _fp32_detour(enc):
+        with torch.autocast("cpu", enabled=False):
+            return beam_search(
+                decoder, _in_fp32(decoder, enc), bos=bos, eos=eos, pad=pad,
+                beam_size=beam_size, max_len=max_len, length_alpha=length_alpha,
+            )  # fmt: skip
     batch, k = enc.pooled.shape[0], beam_size
     device, dtype = enc.pooled.device, _score_dtype(enc)
     mem = decoder.prepare(enc)  # (B, …): computed once per image
