@@ -8,7 +8,8 @@ kernels a step, the GPU idle 40-70% of it), so the number of ops a word dispatch
 in its own right. This script counts them without a GPU: it runs the decoder's teacher-forced
 forward and backward (the loss included, no optimizer) on CPU tensors under a dispatch counter, with
 the attention's GPU branches forced on (whole batches and batched matmuls, the fused C kernels off),
-so every op it counts is one a GPU would launch. The CPU's own paths are counted too. Views,
+so every op it counts is one a GPU would launch, in fp32 and under bf16 autocast (bf16-mixed, whose
+casts launch kernels too). The CPU's own paths are counted too. Views,
 allocations and other metadata ops launch nothing and are counted apart, as are reads of a value
 back to the host (``.item()``). (A step reads two values back, each a synchronisation on a GPU:
 the rows still running at each word, and whether the batch came sorted.)
@@ -23,8 +24,10 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
@@ -63,15 +66,27 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def paths() -> dict[str, contextlib.AbstractContextManager]:
-    """The three ways the loop's attention can run: a GPU's branches, and the CPU's two."""
-    gpu = contextlib.ExitStack()
-    gpu.enter_context(mock.patch.object(attention, "_whole_batch", lambda x: True))
-    gpu.enter_context(mock.patch.object(native, "usable", lambda *tensors: False))
-    out: dict[str, contextlib.AbstractContextManager] = {"GPU branches (attention in PyTorch)": gpu}
+def gpu_branches(bf16: bool = False) -> contextlib.ExitStack:
+    """The attention's GPU branches forced on, the C kernels off; with ``bf16``, under bf16 autocast
+    (``--trainer.precision=bf16-mixed``), whose casts are ops a GPU launches too."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(attention, "_whole_batch", lambda x: True))
+    stack.enter_context(mock.patch.object(native, "usable", lambda *tensors: False))
+    if bf16:
+        stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+    return stack
+
+
+def paths() -> dict[str, Callable[[], contextlib.AbstractContextManager]]:
+    """The ways the loop's attention can run, each a context to enter: a GPU's branches (in fp32 and
+    under bf16-mixed), and the CPU's two."""
+    out: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
+        "GPU branches (attention in PyTorch)": gpu_branches,
+        "GPU branches, bf16-mixed": functools.partial(gpu_branches, bf16=True),
+    }
     if native.kernels() is not None:
-        out["CPU, fused attention kernels"] = contextlib.nullcontext()
-    out["CPU, attention in PyTorch"] = mock.patch.object(native, "usable", lambda *tensors: False)
+        out["CPU, fused attention kernels"] = contextlib.nullcontext
+    out["CPU, attention in PyTorch"] = functools.partial(mock.patch.object, native, "usable", lambda *tensors: False)
     return out
 
 
@@ -99,7 +114,7 @@ def measure(batch: int, repeats: int) -> list[list[str]]:
     tiny = dict(vocab=100, feature=8, hidden=8)
     rows = []
     for name, context in paths().items():
-        with context:
+        with context():
             step, words = step_fn(batch, tiny, grid=4)
             step()  # first call: builds the kernels, warms the allocator
             with OpCounter() as counter:
