@@ -644,8 +644,8 @@ class ShowAttendTellDecoder(CaptionDecoder):
         fp32, as numerically safest. Autocast's dtype applies to the work outside the loop, which at
         the paper's sizes is most of the step's matmul work: the keys' projection, the initial
         state, the deep output layer, and their gradients. On a CPU with bf16 matrix units (AMX),
-        at the paper's sizes, a step takes 0.81× the fp32 step this way; with autograd through the
-        loop under autocast, as before, it took 1.4× (RESULTS.md, eleventh session).
+        at the paper's sizes, a step takes 0.80–0.81× the fp32 step this way; with autograd
+        through the loop under autocast, as before, it took 1.4× (RESULTS.md, eleventh session).
         """
         batch, steps = captions.shape[0], captions.shape[1] - 1
         mask = _target_mask(lengths, steps)  # (B, T−1)
