@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     sat = ShowAttendTellDecoder(attention_dim=s["attention_dim"], **common).to(device)
     st = ShowTellDecoder(**common).to(device)
     fns = {
-        "Show, Attend and Tell": train_step(sat, capattn_adam(sat), capattn_loss(sat, enc, tokens, lengths)),
-        "Show and Tell": train_step(st, capattn_adam(st), capattn_loss(st, enc, tokens, lengths)),
+        "Show, Attend and Tell": train_step(capattn_adam(sat), capattn_loss(sat, enc, tokens, lengths)),
+        "Show and Tell": train_step(capattn_adam(st), capattn_loss(st, enc, tokens, lengths)),
     }
     t = {name: median(xs) for name, xs in interleaved(fns, repeats, device).items()}
     rows2 = [[name, f"{1000 * t[name]:.0f}", f"{COCO_TRAIN_CAPTIONS / batch * t[name] / 60:.0f} min"] for name in fns]

@@ -16,6 +16,7 @@ timed steps. Prints a table and appends it to RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -51,14 +52,18 @@ from capattn.models.decoders import ShowAttendTellDecoder, ShowTellDecoder  # no
 from capattn.module import with_fused_cpu_kernel  # noqa: E402
 
 
-def train_step(decoder, optimizer, loss_fn):
+def train_step(optimizer, loss_fn, bf16_on: torch.device | None = None):
+    """Forward, backward and the optimizer's update. With ``bf16_on`` (a device), as Lightning's
+    ``bf16-mixed`` runs a step: the forward under bf16 autocast, backward and the update after it."""
+
     def step() -> None:
-        loss = loss_fn()
+        amp = torch.autocast(bf16_on.type, dtype=torch.bfloat16) if bf16_on else contextlib.nullcontext()
+        with amp:
+            loss = loss_fn()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    step.loss_fn, step.optimizer = loss_fn, optimizer
     return step
 
 
@@ -75,19 +80,6 @@ def capattn_loss(decoder, enc, tokens, lengths):
 def capattn_adam(model, precision: str = "32-true"):
     """Adam as ``CaptioningModule.configure_optimizers`` builds it: torch's fused kernel on a CPU."""
     return with_fused_cpu_kernel(torch.optim.Adam(model.parameters()), precision=precision)
-
-
-def bf16_mixed(step, device: torch.device):
-    """``step`` as Lightning's ``bf16-mixed`` runs it: forward under bf16 autocast, backward and Adam after."""
-
-    def run() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = step.loss_fn()
-        step.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        step.optimizer.step()
-
-    return run
 
 
 def step_fns(
@@ -108,12 +100,13 @@ def step_fns(
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     sat.train(), st.train()
 
-    def tutorial():  # torch's default Adam, as tutorials use it
+    def tutorial(bf16_on=None):  # torch's default Adam, as tutorials use it
         loss = lambda: tutorial_loss(sat, enc.grid, tokens, lengths)  # noqa: E731
-        return train_step(sat, torch.optim.Adam(sat.parameters()), loss)
+        return train_step(torch.optim.Adam(sat.parameters()), loss, bf16_on)
 
-    def ours(decoder, precision: str = "32-true"):
-        return train_step(decoder, capattn_adam(decoder, precision), capattn_loss(decoder, enc, tokens, lengths))
+    def ours(decoder, bf16_on=None):  # Adam as configure_optimizers builds it at that precision
+        adam = capattn_adam(decoder, "bf16-mixed" if bf16_on else "32-true")
+        return train_step(adam, capattn_loss(decoder, enc, tokens, lengths), bf16_on)
 
     fns = {
         "tutorial": tutorial(),
@@ -123,9 +116,9 @@ def step_fns(
     }
     if bf16:
         fns |= {
-            "tutorial_bf16": bf16_mixed(tutorial(), device),
-            "capattn_bf16": bf16_mixed(ours(sat, "bf16-mixed"), device),
-            "show_tell_bf16": bf16_mixed(ours(st, "bf16-mixed"), device),
+            "tutorial_bf16": tutorial(bf16_on=device),
+            "capattn_bf16": ours(sat, bf16_on=device),
+            "show_tell_bf16": ours(st, bf16_on=device),
         }
     return fns
 
