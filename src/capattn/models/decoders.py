@@ -298,6 +298,9 @@ class _LoopPlan:
     embed_dim: int  # E: the first E columns of the LSTM's input weight multiply the word embedding
     att_dim: int  # A: the first A columns of the recurrent matmul's output are the attention query
     gate: bool  # whether column A is f_β's (the β gate)
+    # Under autocast, its dtype (bf16): the two weight gradients summed over all N positions (W_ih's,
+    # W_r's) are matmuls in it, as autocast computes every other layer's; the recurrence stays fp32.
+    weight_grad_dtype: torch.dtype | None = None
 
 
 class _TeacherForcedLoop(torch.autograd.Function):
@@ -432,14 +435,21 @@ class _TeacherForcedLoop(torch.autograd.Function):
             torch.mm(d_fused_all[rows], w_rec, out=dh_t)  # the gradient reaching h_{t−1}
         d_keys, d_grid, d_w = att.gradients()
         d_w_ih = d_b_ih = d_emb = d_w_rec = d_b_rec = None
+
+        def weight_grad(d_out: Tensor, inputs: Tensor) -> Tensor:  # d_outᵀ inputs, one matmul over N
+            low = plan.weight_grad_dtype
+            if low is None:
+                return d_out.t() @ inputs
+            return (d_out.t().to(low) @ inputs.to(low)).to(d_out.dtype)
+
         if needs[5]:
-            d_w_ih = d_gates_all.t() @ torch.cat([emb, ctx_all], dim=1)  # (4H, E + D), one matmul
+            d_w_ih = weight_grad(d_gates_all, torch.cat([emb, ctx_all], dim=1))  # (4H, E + D)
         if needs[6]:
             d_b_ih = d_gates_all.sum(dim=0)
         if needs[2]:
             d_emb = d_gates_all @ w_ih[:, :e]
         if needs[7]:
-            d_w_rec = d_fused_all.t() @ h_prev
+            d_w_rec = weight_grad(d_fused_all, h_prev)
         if needs[8]:
             d_b_rec = d_fused_all.sum(dim=0)
         return (
@@ -640,12 +650,14 @@ class ShowAttendTellDecoder(CaptionDecoder):
         packed time-major while the loop runs, then put back in ``mask`` order for the output layer.
 
         Under autocast (``--trainer.precision=bf16-mixed``) the time loop runs with autocast off, in
-        the parameters' dtype: the recurrence, the attention and their hand-written gradients stay in
-        fp32, as numerically safest. Autocast's dtype applies to the work outside the loop, which at
-        the paper's sizes is most of the step's matmul work: the keys' projection, the initial
-        state, the deep output layer, and their gradients. On a CPU with bf16 matrix units (AMX),
-        at the paper's sizes, a step takes 0.80–0.81× the fp32 step this way; with autograd
-        through the loop under autocast, as before, it took 1.4× (RESULTS.md, eleventh session).
+        the parameters' dtype: the recurrence and the attention, forward and backward, stay in fp32,
+        as numerically safest. Autocast's dtype applies to the work outside the loop, which at the
+        paper's sizes is most of the step's matmul work: the keys' projection, the initial state,
+        the deep output layer, and their gradients; and to the loop's two weight gradients summed
+        over all positions (W_ih's and W_r's), as autocast computes every other layer's. On a CPU
+        with bf16 matrix units (AMX), at the paper's sizes, a step takes 0.74× the fp32 step this
+        way (0.80–0.81× with those two weight gradients in fp32); with autograd through the loop
+        under autocast, as before, it took 1.4× (RESULTS.md, eleventh session).
         """
         batch, steps = captions.shape[0], captions.shape[1] - 1
         mask = _target_mask(lengths, steps)  # (B, T−1)
@@ -694,15 +706,18 @@ class ShowAttendTellDecoder(CaptionDecoder):
         self, h: Tensor, c: Tensor, emb: Tensor, mem: AttentionMemory, running: list[int]
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``_TeacherForcedLoop``: h_t, β ẑ_t and α_t of every real position, time-major, in the
-        parameters' dtype with autocast off (under autocast the loop's inputs arrive in its dtype)."""
-        dtype = self.cell.weight_ih.dtype
-        with torch.autocast(emb.device.type, enabled=False):
+        parameters' dtype with autocast off (under autocast the loop's inputs arrive in its dtype;
+        its two weight gradients over all positions are matmuls in autocast's, see ``_LoopPlan``)."""
+        dtype, device = self.cell.weight_ih.dtype, emb.device.type
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        with torch.autocast(device, enabled=False):
             weight, bias = self._recurrent_weights()
             plan = _LoopPlan(
                 running=running,
                 embed_dim=self.embed_dim,
                 att_dim=self.attention.query_proj.out_features,
                 gate=self.f_beta is not None,
+                weight_grad_dtype=autocast if dtype == torch.float32 else None,
             )
             score = self.attention.score
             return _TeacherForcedLoop.apply(
