@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -140,6 +141,20 @@ def _in_fp32(decoder: CaptionDecoder, enc: EncoderOutput) -> EncoderOutput:
     return tree_map(lambda x: x.to(dtype) if x.is_floating_point() else x, enc)
 
 
+def _fp32_on_cpu(search: Callable[..., Captions]) -> Callable[..., Captions]:
+    """``search(decoder, enc, **settings)``, run with autocast off and ``enc`` in the decoder's dtype
+    where ``_fp32_detour`` says so."""
+
+    @functools.wraps(search)
+    def run(decoder: CaptionDecoder, enc: EncoderOutput, **settings: Any) -> Captions:
+        if not _fp32_detour(enc):
+            return search(decoder, enc, **settings)
+        with torch.autocast("cpu", enabled=False):
+            return search(decoder, _in_fp32(decoder, enc), **settings)
+
+    return run
+
+
 def _score_dtype(enc: EncoderOutput) -> torch.dtype:
     """Captions' summed log-probabilities: float32 at least. Under mixed precision the encoder's
     features are bf16/fp16 while log-softmax runs in float32; summing 20 words in bf16 (8 bits of
@@ -219,6 +234,7 @@ def _one_token_at_a_time(
 
 @torch.no_grad()
 @_denormals_flushed()
+@_fp32_on_cpu
 def greedy(decoder: CaptionDecoder, enc: EncoderOutput, *, bos: int, eos: int, pad: int, max_len: int = 20) -> Captions:
     """The most likely word at every step.
 
@@ -231,9 +247,6 @@ def greedy(decoder: CaptionDecoder, enc: EncoderOutput, *, bos: int, eos: int, p
     Returns:
         Captions with K = 1.
     """
-    if _fp32_detour(enc):
-        with torch.autocast("cpu", enabled=False):
-            return greedy(decoder, _in_fp32(decoder, enc), bos=bos, eos=eos, pad=pad, max_len=max_len)
     return _one_token_at_a_time(
         decoder, enc, bos=bos, eos=eos, pad=pad, max_len=max_len, pick=lambda lp: lp.max(-1).indices, compact=True
     )
@@ -270,6 +283,7 @@ def length_penalty(lengths: Tensor, alpha: float) -> Tensor:
 
 @torch.no_grad()
 @_denormals_flushed()
+@_fp32_on_cpu
 def beam_search(
     decoder: CaptionDecoder,
     enc: EncoderOutput,
@@ -306,12 +320,6 @@ def beam_search(
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be ≥ 1, got {beam_size}")
-    if _fp32_detour(enc):
-        with torch.autocast("cpu", enabled=False):
-            return beam_search(
-                decoder, _in_fp32(decoder, enc), bos=bos, eos=eos, pad=pad,
-                beam_size=beam_size, max_len=max_len, length_alpha=length_alpha,
-            )  # fmt: skip
     batch, k = enc.pooled.shape[0], beam_size
     device, dtype = enc.pooled.device, _score_dtype(enc)
     mem = decoder.prepare(enc)  # (B, …): computed once per image
