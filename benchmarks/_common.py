@@ -45,6 +45,8 @@ def device_description(device: torch.device) -> str:
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     if "amx_bf16" in flags:  # bf16 matrix units: bf16-mixed rows run several times faster than fp32 here
         isa += " + AMX"
+    elif "avx512_bf16" in flags:  # bf16 dot products: about 2.2× fp32's matmul rate (AMD Zen 4)
+        isa += " + BF16"
     kernels = "fused attention kernels on" if native.kernels() is not None else "fused attention kernels off"
     return f"CPU {cpu_name()}, {os.cpu_count()} cores, {isa}, {torch.get_num_threads()} threads, {kernels}"
 
@@ -189,14 +191,6 @@ def return_freed_memory_to_the_os() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether the device multiplies bf16 matrices in hardware (a GPU from Ampere on; a CPU with
-    AVX-512 BF16 or AMX, through oneDNN), where bf16-mixed rows are worth timing."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048) -> float:

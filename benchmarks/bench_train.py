@@ -38,7 +38,6 @@ from _common import (  # noqa: E402
     markdown_table,
     matmul_peak_gflops,
     median,
-    native_bf16,
     peak_memory_mb,
     results_title,
     return_freed_memory_to_the_os,
@@ -49,7 +48,7 @@ from _common import (  # noqa: E402
 from tutorial import tutorial_loss  # noqa: E402
 
 from capattn.models.decoders import ShowAttendTellDecoder, ShowTellDecoder  # noqa: E402
-from capattn.module import with_fused_cpu_kernel  # noqa: E402
+from capattn.module import bf16_in_hardware, with_fused_cpu_kernel  # noqa: E402
 
 
 def train_step(optimizer, loss_fn, bf16_on: torch.device | None = None):
@@ -162,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     batch, repeats = (4, 1) if args.quick else (args.batch, args.repeats)
     s = {**PAPER, **sizes}
     tokens, lengths = caption_batch(batch, s["vocab"], device=device, longest_first=True)
-    bf16 = native_bf16(device) if args.bf16 is None else args.bf16
+    bf16 = bf16_in_hardware(device) if args.bf16 is None else args.bf16
 
     def build(d: int) -> dict:
         return step_fns(d, batch, s, sizes, device, tokens, lengths, bf16=bf16)

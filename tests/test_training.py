@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import platform
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -15,7 +20,7 @@ from capattn.data.datamodule import CaptionDataModule
 from capattn.data.synthetic import ShapesReader
 from capattn.models.decoders import ShowAttendTellDecoder, ShowTellDecoder
 from capattn.models.encoder import ImageEncoder
-from capattn.module import CaptioningModule, with_fused_cpu_kernel
+from capattn.module import CaptioningModule, bf16_in_hardware, with_fused_cpu_kernel
 
 from .conftest import REPO_ROOT
 
@@ -298,3 +303,47 @@ def test_bf16_mixed_clips_the_gradients_the_fused_adam_steps_with(algorithm, tmp
             assert float(torch.stack([g.norm() for g in grads]).norm()) == pytest.approx(1e-3, rel=1e-4)
         else:
             assert max(float(g.abs().max()) for g in grads) == pytest.approx(1e-3, rel=1e-6)
+
+
+_EMULATED_BF16 = "torch emulates bf16 there"
+_BF16_RUN = (
+    "import warnings; warnings.simplefilter('always')\n"
+    "import capattn  # before lightning: its torchvision hook (capattn._compat)\n"
+    "from tests.test_training import _cached_features_run\n"
+    "from capattn.models.decoders import ShowAttendTellDecoder\n"
+    "import sys\n"
+    "_cached_features_run(sys.argv[1], decoder_cls=ShowAttendTellDecoder, batches=1, precision='bf16-mixed')\n"
+)
+
+
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available(),
+    reason="ONEDNN_MAX_CPU_ISA, which makes this CPU pass for one without bf16, is oneDNN's x86 switch",
+)
+def test_bf16_mixed_on_a_cpu_without_bf16_instructions_warns_once_naming_the_fix(tmp_path):
+    """``experiments/trainer/ddp.yaml`` asks for bf16-mixed; on an AVX2 CPU torch emulates bf16 and
+    a step (196×512 grid) takes 15–18× the fp32 one. A real run on this CPU with oneDNN held to
+    AVX2 (as on such a laptop) warns once and names the override; the same run as this CPU is warns
+    only where it lacks bf16 instructions itself."""
+    # Show, Attend and Tell: under autocast with oneDNN held to AVX2, nn.LSTM (Show and Tell) asks
+    # oneDNN for a bf16 LSTM it cannot build on this CPU, which says nothing of a real AVX2 CPU.
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONWARNINGS": "always"}
+    done = subprocess.run(
+        [sys.executable, "-c", _BF16_RUN, str(tmp_path / "avx2")],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if _EMULATED_BF16 in line]
+    assert len(lines) == 1, done.stderr[-2000:]
+    assert "trainer.precision=bf16-mixed" in lines[0] and "no bf16 instructions" in lines[0]
+    assert "--trainer.precision=32" in lines[0]
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _cached_features_run(tmp_path / "native", decoder_cls=ShowAttendTellDecoder, batches=1, precision="bf16-mixed")
+    emulated = [w for w in seen if _EMULATED_BF16 in str(w.message)]
+    assert len(emulated) == (0 if bf16_in_hardware(torch.device("cpu")) else 1)

@@ -128,7 +128,7 @@ def _fp32_detour(enc: EncoderOutput) -> bool:
     The CPU's decoding fast paths (the fused C kernels, in-place steps, the folded output layer) are
     fp32-only, and autocast casts weights at every word: at the paper's sizes over 100 images,
     greedy ran 1.5× and beam 5 2.2× slower under bf16 autocast than in fp32, on a CPU with bf16
-    matrix units. So ``--trainer.precision=bf16-mixed`` validates and tests on a CPU in fp32, which
+    matrix units (AMX). So ``--trainer.precision=bf16-mixed`` validates and tests on a CPU in fp32, which
     is also exact. A GPU decodes faster in bf16 (RESULTS.md) and keeps autocast. A function, so that
     the tests run the GPU's way on a CPU.
     """

@@ -111,3 +111,10 @@ def test_compiled_step_gives_the_eager_captions():
         compiled = beam_search(decoder, enc, beam_size=3, max_len=16, **SPECIAL)
     assert torch.equal(compiled.tokens, eager.tokens)
     torch.testing.assert_close(compiled.scores, eager.scores, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_in_hardware_follows_the_cards_generation():
+    """bf16-mixed warns on a GPU before Ampere (compute capability 8), where torch emulates bf16."""
+    from capattn.module import bf16_in_hardware
+
+    assert bf16_in_hardware(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] >= 8)
