@@ -48,7 +48,8 @@ from _common import (  # noqa: E402
 from tutorial import tutorial_loss  # noqa: E402
 
 from capattn.models.decoders import ShowAttendTellDecoder, ShowTellDecoder  # noqa: E402
-from capattn.module import bf16_in_hardware, with_fused_cpu_kernel  # noqa: E402
+from capattn.models.native import bf16_in_hardware  # noqa: E402
+from capattn.module import with_fused_cpu_kernel  # noqa: E402
 
 
 def train_step(optimizer, loss_fn, bf16_on: torch.device | None = None):

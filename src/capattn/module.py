@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import platform
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +22,7 @@ from capattn.io import coco_image_id, run_dir, write_json_atomic
 from capattn.metrics import SCORERS, CaptionScorer
 from capattn.models.decoders import CaptionDecoder
 from capattn.models.encoder import EncoderOutput, ImageEncoder
+from capattn.models.native import bf16_in_hardware
 from capattn.vocab import Vocabulary
 
 _VOCAB_KEY = VOCAB_KEY
@@ -40,35 +40,6 @@ def _check_settings(*, beam_size: int, max_len: int, length_alpha: float, label_
         raise ConfigError(f"model.length_alpha must be ≥ 0 (0 = no length penalty), got {length_alpha}")
     if not 0 <= label_smoothing < 1:
         raise ConfigError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
-
-
-def bf16_in_hardware(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bf16 matrices in hardware, where ``bf16-mixed`` can pay.
-
-    A GPU from Ampere on; a CPU whose oneDNN takes bf16 natively: on x86, AVX-512 BF16 (AMD Zen 4,
-    Intel Cooper Lake and later) or AMX (Intel Sapphire Rapids and later); on Arm, its BF16
-    extension. Elsewhere torch emulates bf16. Measured on a Zen 4 CPU with oneDNN held back by
-    ``ONEDNN_MAX_CPU_ISA``, a Show, Attend and Tell step (B=32, 196×512 grid) under bf16-mixed
-    took 15–18× the fp32 step as on an AVX2 CPU (5,436–5,503 against 306–359 ms; a bf16 matmul
-    ran at 0.4–1.7 GFLOP/s) and 1.7× as on AVX-512 without BF16 (503–629 against 294–342 ms);
-    with the instructions, 0.85× (252–264 against 294–310 ms). Other devices (MPS, …) are not
-    judged: True.
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type != "cpu":
-        return True
-    # torch's private probes: where one is missing (another torch), nothing is judged.
-    try:
-        # oneDNN's own check honours ONEDNN_MAX_CPU_ISA; on x86 it also accepts plain AVX-512,
-        # which only converts bf16 to fp32 (a 2048² bf16 matmul: 49 against 186 GFLOP/s in fp32).
-        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-            return False
-        if platform.machine().lower() in ("x86_64", "amd64", "x86", "i686"):
-            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except (AttributeError, RuntimeError):
-        return True
-    return True
 
 
 def with_fused_cpu_kernel(optimizer: torch.optim.Optimizer, *, precision: str) -> torch.optim.Optimizer:

@@ -115,6 +115,6 @@ def test_compiled_step_gives_the_eager_captions():
 
 def test_bf16_in_hardware_follows_the_cards_generation():
     """bf16-mixed warns on a GPU before Ampere (compute capability 8), where torch emulates bf16."""
-    from capattn.module import bf16_in_hardware
+    from capattn.models.native import bf16_in_hardware
 
     assert bf16_in_hardware(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] >= 8)

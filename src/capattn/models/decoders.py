@@ -245,7 +245,16 @@ class ShowTellDecoder(CaptionDecoder):
     def _run(self, inputs: Tensor, state: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         # nn.LSTM wants (N, B, H) states; ours are batch-first (B, N, H) so beams can reorder them.
         hc = None if state is None else (state[0].transpose(0, 1).contiguous(), state[1].transpose(0, 1).contiguous())
-        out, (h, c) = self.lstm(inputs, hc)  # out (B, T, H)
+        if _emulated_bf16_autocast(inputs):
+            # CPU autocast casts nn.LSTM's oneDNN layer (aten::mkldnn_rnn_layer) to bf16 without
+            # torch's own bf16 check. Where oneDNN has no bf16 (AVX2), it then fails: "could not
+            # create a primitive descriptor for the LSTM forward propagation primitive" (measured
+            # with ONEDNN_MAX_CPU_ISA=AVX2). There the LSTM runs in fp32, which emulated bf16
+            # would only slow down; bf16-mixed warns about such a CPU at setup.
+            with torch.autocast("cpu", enabled=False):
+                out, (h, c) = self.lstm(inputs.float(), None if hc is None else (hc[0].float(), hc[1].float()))
+        else:
+            out, (h, c) = self.lstm(inputs, hc)  # out (B, T, H)
         return out, (h.transpose(0, 1), c.transpose(0, 1))  # (B, N, H) each
 
     def init_state(self, mem: Tensor) -> tuple[Tensor, Tensor]:
@@ -269,6 +278,16 @@ class ShowTellDecoder(CaptionDecoder):
         return DecoderOutput(
             logits=logits, targets=captions[:, 1:][mask], mask=mask, alphas=None, aux_loss=logits.new_zeros(())
         )
+
+
+def _emulated_bf16_autocast(x: Tensor) -> bool:
+    """Whether ``x`` is on a CPU under bf16 autocast that the CPU would emulate (no AVX-512 BF16 or AMX)."""
+    return (
+        x.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and not native.bf16_in_hardware(x.device)
+    )
 
 
 def _lstm_inplace(
