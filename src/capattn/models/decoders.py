@@ -677,7 +677,7 @@ class ShowAttendTellDecoder(CaptionDecoder):
         with bf16 matrix units (AMX), at the paper's sizes, a step takes 0.74× the fp32 step this
         way (0.80–0.81× with those two weight gradients in fp32); with autograd through the loop
         under autocast, as before, it took 1.4× (RESULTS.md, eleventh session). With AVX-512 BF16
-        (AMD Zen 4, no AMX): 0.76× (0.68× with a 196×512 grid; twelfth session).
+        (AMD Zen 4, no AMX): 0.74–0.76× (0.68–0.75× with a 196×512 grid; twelfth session).
         """
         batch, steps = captions.shape[0], captions.shape[1] - 1
         mask = _target_mask(lengths, steps)  # (B, T−1)
