@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from capattn.cli import main
+from capattn.module import CaptioningModule
 from capattn.samples import ValidationSamples
 
 from .conftest import REPO_ROOT
@@ -62,6 +64,27 @@ def test_files_in_the_run_folder_show_the_same_images_every_epoch(tmp_path, monk
                 assert png.format == "PNG" and png.width > png.height
     markdown = (folder / "epoch01.md").read_text()
     assert markdown.count("- **generated:** ") == 3 and f"![{ids[0][0]}](epoch01/{ids[0][0]}.png)" in markdown
+
+
+def test_samples_are_decoded_in_the_precision_validation_scored(tmp_path, monkeypatch):
+    """Lightning runs callbacks outside its autocast. Under bf16-mixed the samples were decoded in
+    fp32, so they could differ from the captions validation scored (and a compiled decoder step was
+    traced again for the other autocast state). Now both decode under the trainer's precision."""
+    monkeypatch.chdir(tmp_path)
+    autocast_at_decode = []
+    decode = CaptioningModule.decode
+
+    def recording_decode(self, enc):
+        autocast_at_decode.append(torch.is_autocast_enabled(enc.grid.device.type))
+        return decode(self, enc)
+
+    monkeypatch.setattr(CaptioningModule, "decode", recording_decode)
+    config = REPO_ROOT / "experiments" / "demo_show_attend_tell.yaml"
+    main(
+        ["fit", "--config", str(config), *TINY, "--trainer.max_epochs=1", "--trainer.limit_val_batches=1"]
+        + ["--trainer.precision=bf16-mixed", _samples(1)]
+    )
+    assert autocast_at_decode == [True, True]  # the validation step's batch, then the sample's image
 
 
 def test_wandb_offline_run_holds_the_samples_table(tmp_path, monkeypatch):

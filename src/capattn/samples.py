@@ -25,8 +25,9 @@ class ValidationSamples(L.Callback):
     """Logs ``num_images`` fixed validation images with generated and reference captions after each validation.
 
     The images are the first ``num_images`` the validation loader yields on rank 0 (it is not shuffled,
-    so they stay the same every epoch). They are decoded again with the model's own beam search;
-    the validation metrics are untouched. Nothing happens in the sanity check or on other ranks.
+    so they stay the same every epoch). They are decoded again with the model's own beam search, in
+    the validation step's precision (so under bf16-mixed too they get the captions validation
+    scored); the validation metrics are untouched. Nothing happens in the sanity check or on other ranks.
 
     With a ``WandbLogger`` a table ``val/samples`` (epoch, image id, figure, generated caption,
     references) is logged; otherwise ``<run folder>/samples/epochNN/<image id>.png`` and
@@ -72,7 +73,10 @@ class ValidationSamples(L.Callback):
         if not rows:
             return
         index = torch.tensor(rows, device=batch.tokens.device)
-        with torch.no_grad():
+        # In the validation step's precision (Lightning runs callbacks outside its autocast): the
+        # captions shown are the ones validation scored, and a compiled decoder step is not traced
+        # again for another autocast state.
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
             if batch.features is not None:
                 enc = EncoderOutput(grid=batch.features.grid[index], pooled=batch.features.pooled[index])
             else:

@@ -384,3 +384,40 @@ def test_under_autocast_the_grid_is_cast_once_as_bf16_features_would_be():
         from_bf16 = decoder(EncoderOutput(grid=low, pooled=low.mean(1)), tokens, lengths)
     assert torch.equal(from_fp32.logits, from_bf16.logits)
     assert torch.isfinite(from_fp32.logits).all()
+
+
+def test_compiled_step_is_traced_per_kind_of_call_not_per_batch(monkeypatch):
+    """``compile_step``: a Lightning run decodes batches of many sizes, greedy and beam, with images
+    leaving the batch as they finish, under no_grad (fit's validation) and inference_mode (test,
+    predict). The step must be traced a few times, not once per batch size or per view (torch gives up
+    compiling after 8 and runs eagerly: an H100 demo run got there), and must give the eager captions.
+    torch's tracer and guards run for real; only code generation is skipped (backend "eager")."""
+    from torch._dynamo.utils import counters
+
+    from capattn.decoding import beam_search, greedy
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager"}))
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    kwargs = dict(vocab_size=V, feature_dim=D, embed_dim=6, hidden_dim=10, attention_dim=7)
+    eager = ShowAttendTellDecoder(**kwargs).eval()
+    compiled = ShowAttendTellDecoder(compile_step=True, **kwargs).eval()
+    compiled.load_state_dict(eager.state_dict())
+    special = dict(bos=1, eos=2, pad=0, max_len=7)
+    for mode in (torch.no_grad, torch.inference_mode):
+        for batch in (D, 7, 6, 5, 4, 3, 2, 1):  # a batch as wide as the grid's features (D) among them
+            enc = encoder_output(batch)
+            with mode(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                for beam in (1, 3):
+                    want, got = (
+                        greedy(d, enc, **special) if beam == 1 else beam_search(d, enc, beam_size=beam, **special)
+                        for d in (eager, compiled)
+                    )
+                    assert torch.equal(got.tokens, want.tokens)
+                    torch.testing.assert_close(got.scores, want.scores)
+    # Per mode: one row per image, K rows per image, one image left, a single row (torch specializes
+    # sizes of 1); then the same for inference tensors, which torch tells apart from no_grad ones.
+    traces = counters["stats"]["unique_graphs"]
+    assert 0 < traces <= 8, f"the compiled step was traced {traces} times"

@@ -63,7 +63,12 @@ class SoftAttention(nn.Module):
         k = query.shape[0] // batch
         q = query.view(batch, k, 1, -1)  # (B, K, 1, A)
         needs_graph = torch.is_grad_enabled() and any(t.requires_grad for t in (keys, q, self.score.weight))
-        cpu_decoding = not (needs_graph or keys.device.type != "cpu" or torch.is_autocast_enabled("cpu"))
+        cpu_decoding = not (
+            needs_graph
+            or keys.device.type != "cpu"
+            or torch.is_autocast_enabled("cpu")
+            or torch.compiler.is_compiling()  # the chunk loop would fix the batch size in the graph
+        )
         if cpu_decoding:
             energy = self._energy_in_chunks(keys, q)
         else:

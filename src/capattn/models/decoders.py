@@ -290,6 +290,14 @@ def _emulated_bf16_autocast(x: Tensor) -> bool:
     )
 
 
+_COMPILED_STEP_GRAPHS = 32  # how many traces of the compiled decoding step torch may make (``compile_step``)
+
+
+def _owning(t: Tensor) -> Tensor:
+    """``t`` itself if it is contiguous and owns its memory, else a contiguous copy (not a view)."""
+    return t if t.is_contiguous() and not t._is_view() else t.clone(memory_format=torch.contiguous_format)
+
+
 def _lstm_inplace(
     gates: Tensor,
     c: Tensor,
@@ -512,9 +520,12 @@ class ShowAttendTellDecoder(CaptionDecoder):
         gate: use the scalar β gate.
         deep_output: use the deep output layer (else a linear layer on h_t).
         compile_step: run ``step`` (greedy, beam search, sampling) through ``torch.compile``; meant
-            for a GPU, where one step is many small kernels. The first call compiles. Leave it off
-            on a CPU: there, greedy over 100 images at paper sizes took 1.19 s compiled against
-            0.57 s eager (after a 57 s compile), and beam search was still compiling after 15 min.
+            for a GPU, where one step is many small kernels. The first call compiles; a run traces
+            the step a few more times (one row per image against K, one image left, fit's no_grad
+            validation against test's inference tensors), never once per batch size: a Lightning
+            demo fit with its test traced it 6 times on an H100. Leave it off on a CPU: there,
+            greedy over 100 images at paper sizes took 1.19 s compiled against 0.57 s eager (after a
+            57 s compile), and beam search was still compiling after 15 min.
     """
 
     def __init__(
@@ -562,7 +573,10 @@ class ShowAttendTellDecoder(CaptionDecoder):
             # Cast once, not at every word: under autocast each step's bmm(α, grid) would cast the
             # whole (b, L, D) grid again (at B=1024, 196×2048 on an H200, more traffic than the bmm).
             grid = grid.to(torch.get_autocast_dtype(grid.device.type))
-        return AttentionMemory(grid=grid, keys=self.attention.project_keys(grid))
+        keys = self.attention.project_keys(grid)
+        if self.compile_step:  # inputs of one kind, so the compiled step is not traced again for views
+            grid, keys = _owning(grid), _owning(keys)
+        return AttentionMemory(grid=grid, keys=keys)
 
     def init_state(self, mem: AttentionMemory) -> tuple[Tensor, Tensor]:
         mean = mem.grid.mean(dim=1, dtype=torch.promote_types(mem.grid.dtype, torch.float32))  # (B, D)
@@ -640,8 +654,22 @@ class ShowAttendTellDecoder(CaptionDecoder):
         if not self.compile_step:
             return self._step(tokens, state, mem)
         if self._compiled_step is None:
-            self._compiled_step = torch.compile(self._step, dynamic=True)
-        return self._compiled_step(tokens, state, mem)
+            self._compiled_step = torch.compile(self._step)
+        # Inputs of one kind, so that the step is traced as few times as it can be: torch.compile
+        # guards on whether each input is a view (beam search passes views at some words and fresh
+        # tensors at others; these are small, B*K rows), and rows are dynamic from the first call
+        # (batch sizes vary, and finished images leave the batch). The feature sizes stay static: with
+        # every size dynamic, a batch of 64 beside a 64-wide grid made torch treat them as one size.
+        tokens, state = _owning(tokens), (_owning(state[0]), _owning(state[1]))
+        for t in (tokens, *state, mem.grid, mem.keys):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        # Still traced once per kind of call: greedy and beam search's first word (one row per image)
+        # against beam search's later words, a few rows against many, and no_grad (fit's validation)
+        # against inference tensors (test, predict). torch stops compiling a function after 8 and
+        # runs it eagerly from then on; a Lightning fit with test reached that (H100, thirteenth session).
+        limit = max(_COMPILED_STEP_GRAPHS, torch._dynamo.config.recompile_limit)
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            return self._compiled_step(tokens, state, mem)
 
     def _step(self, tokens: Tensor, state: tuple[Tensor, Tensor], mem: AttentionMemory) -> StepOutput:
         h, c = state  # (B*K, H): K hypotheses per image of ``mem`` (K = 1 outside beam search)
@@ -651,7 +679,8 @@ class ShowAttendTellDecoder(CaptionDecoder):
         )
         emb = self.embed(tokens)  # (B*K, E)
         w_ih = self.cell.weight_ih  # (4H, E + D): input [E y_{t−1}; ẑ_t]
-        if torch.is_grad_enabled() or torch.is_autocast_enabled(h.device.type):  # (in-place ops skip autocast)
+        if torch.is_grad_enabled() or torch.is_autocast_enabled(h.device.type) or torch.compiler.is_compiling():
+            # (in-place ops skip autocast; compiled, inductor fuses the out-of-place ops itself)
             gates = torch.addmm(gates_h, emb, w_ih[:, : self.embed_dim].t())  # (B*K, 4H), biases included
             gates = torch.addmm(gates, context, w_ih[:, self.embed_dim :].t())
             h, c = self._lstm(gates, c)
