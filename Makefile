@@ -51,7 +51,8 @@ gpu-check: install  ## on a CUDA machine: GPU-vs-CPU tests, bench_gpu.py, the de
 	$(BIN)/pytest -q tests/models/test_cuda.py
 	$(BIN)/python benchmarks/bench_gpu.py
 	$(CAPATTN) fit --config experiments/demo_show_attend_tell.yaml --trainer.accelerator=gpu \
-		--trainer.precision=bf16-mixed --model.decoder.init_args.compile_step=true --run_name=gpu-bf16
+		--trainer.precision=bf16-mixed --float32_matmul_precision=high --model.decoder.init_args.compile_step=true \
+		--run_name=gpu-bf16
 
 lint: install  ## ruff: lint and format check
 	$(BIN)/ruff check src tests benchmarks

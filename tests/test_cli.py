@@ -66,7 +66,11 @@ def test_print_config_shows_the_linked_vocab_and_overrides(capsys):
 
 @pytest.mark.parametrize(
     ("arg", "message"),
-    [("--model.no_such_key=1", "no_such_key"), ("--data.batch_size=many", "batch_size")],
+    [
+        ("--model.no_such_key=1", "no_such_key"),
+        ("--data.batch_size=many", "batch_size"),
+        ("--float32_matmul_precision=low", "float32_matmul_precision"),
+    ],
 )
 def test_unknown_key_or_wrong_type_is_a_one_line_error(arg, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -89,6 +93,20 @@ def _fit(config: Path, *extra: str) -> Path:
     )
     (ckpt,) = Path("runs").rglob("last.ckpt")
     return ckpt
+
+
+def test_float32_matmul_precision_applies_to_the_run_and_is_saved_with_it():
+    """--float32_matmul_precision=high: TF32 matmuls on an Ampere-or-newer GPU (the GPU benchmarks'
+    setting). It is torch's process-wide setting, made before anything is built, and the run's
+    config.yaml records it."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        _fit(EXPERIMENTS[0], "--float32_matmul_precision=high", "--run_name=tf32")
+        assert torch.get_float32_matmul_precision() == "high"
+        (config,) = Path("runs").rglob("tf32/config.yaml")
+        assert "float32_matmul_precision: high" in config.read_text()
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_fit_test_predict_and_checkpoint_alone(capsys):

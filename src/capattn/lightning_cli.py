@@ -25,8 +25,9 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -383,6 +384,16 @@ class CaptioningCLI(LightningCLI):
             help="write the run's last.ckpt every this many training steps as well as every epoch (0: epochs only)",
         )
         parser.add_argument(
+            "--float32_matmul_precision",
+            type=Literal["highest", "high", "medium"] | None,
+            default=None,
+            help=(
+                "torch.set_float32_matmul_precision for the run: 'high' lets an Ampere-or-newer GPU run "
+                "fp32 matmuls on its TF32 tensor cores (the GPU figures in benchmarks/RESULTS.md), "
+                "'medium' in bf16; default: torch's own ('highest', full fp32)"
+            ),
+        )
+        parser.add_argument(
             "--allow_untrained",
             type=bool,
             default=False,
@@ -410,6 +421,8 @@ class CaptioningCLI(LightningCLI):
                 f"`capattn {sub}` needs --ckpt_path (a checkpoint of `capattn fit`, or `last` for the newest run "
                 f"of this experiment); pass --allow_untrained=true to {sub} an untrained model on purpose"
             )
+        if cfg.get("float32_matmul_precision"):
+            torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
         self._place_run(sub, cfg)
         if cfg.get("ckpt_path"):
             self._model_from_checkpoint(sub, cfg, Path(cfg.ckpt_path))
