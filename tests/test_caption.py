@@ -98,6 +98,24 @@ def test_the_checkpoint_alone_gives_vocabulary_and_preprocessing(checkpoints, ph
     assert [c.score for c in together] == pytest.approx([c.score for c in alone], abs=1e-4)
 
 
+def test_a_checkpoint_trained_with_compile_step_captions_without_compiling(checkpoints, photos, tmp_path, monkeypatch):
+    """compile_step is a GPU switch; captioning runs on the CPU, where compiling the step costs
+    minutes. A checkpoint that was trained with it captions as one trained without."""
+    saved = torch.load(checkpoints["attend"], map_location="cpu", weights_only=True)
+    saved["hyper_parameters"]["decoder"]["init_args"]["compile_step"] = True
+    compiled = tmp_path / "trained-with-compile-step.ckpt"
+    torch.save(saved, compiled)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("capattn caption compiled the decoding step")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    files = [photos / IMAGES[0]]
+    got = caption_images(Captioner(checkpoint=compiled, beam_size=3), files, batch_size=1)
+    want = caption_images(Captioner(checkpoint=checkpoints["attend"], beam_size=3), files, batch_size=1)
+    assert [c.caption for c in got] == [c.caption for c in want]
+
+
 def test_show_and_tell_writes_captions_only_and_says_so(checkpoints, photos, tmp_path, capsys, caplog):
     out = tmp_path / "figures"
     files = [str(photos / name) for name in IMAGES[:2]]

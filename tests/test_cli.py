@@ -220,6 +220,30 @@ def test_checkpoint_model_wins_and_decoding_settings_from_the_command_line_apply
     assert "ignored from the config: model.decoder.init_args.hidden_dim=64 (checkpoint: 256)" in capsys.readouterr().err
 
 
+def test_compile_step_of_a_checkpoint_gives_way_to_the_command_line(monkeypatch, capsys):
+    """compile_step chooses how the decoder runs, not what it computes: a checkpoint trained with it
+    (on a GPU) is tested on this CPU without compiling, unless the command line asks for it, and the
+    difference is not reported as an ignored model setting."""
+    attend = next(p for p in EXPERIMENTS if "attend" in p.stem)
+    ckpt = _fit(attend, "--test_after_fit=false")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    saved["hyper_parameters"]["decoder"]["init_args"]["compile_step"] = True
+    torch.save(saved, ckpt)
+    capsys.readouterr()
+    real_compile = torch.compile
+    compiled = []
+
+    def recording_compile(fn, **kwargs):
+        compiled.append(fn)
+        return real_compile(fn, **{**kwargs, "backend": "eager"})  # traced, not code-generated: quick
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    run("test", "--config", str(attend), "--ckpt_path", str(ckpt), *TINY)
+    assert compiled == [] and "compile_step" not in capsys.readouterr().err
+    run("test", "--config", str(attend), "--ckpt_path", str(ckpt), *TINY, "--model.decoder.init_args.compile_step=true")
+    assert len(compiled) == 1
+
+
 def test_checkpoint_stores_the_preprocessing_for_captioning_files():
     ckpt = _fit(EXPERIMENTS[0], "--test_after_fit=false")
     data = torch.load(ckpt, map_location="cpu", weights_only=True)["capattn_data"]

@@ -80,6 +80,10 @@ class Captioner:
                 raise CheckpointError(f"{self.path}: its weights do not fit its own model ({first})") from None
         self.encoder.eval()
         self.decoder.eval()
+        if getattr(self.decoder, "compile_step", False):
+            # Trained with compile_step (a GPU switch): captioning runs on the CPU, where compiling
+            # the step costs minutes and makes greedy search slower, not faster.
+            self.decoder.compile_step = False
         self.vocab = Vocabulary.from_dict(ckpt[VOCAB_KEY])
         if len(self.vocab) != self.decoder.vocab_size:
             raise CheckpointError(

@@ -63,6 +63,10 @@ DECODING_KEYS = (
     "output_dir",
     "nonfinite_loss",
 )
+# Decoder arguments that choose how it runs, not what it computes: from a checkpoint too, the
+# config's and the command line's values apply (a model trained with compile_step on a GPU must not
+# compile on the CPU that tests it).
+DECODER_RUNTIME_KEYS = ("compile_step",)
 _CSV = "lightning.pytorch.loggers.CSVLogger"
 _LOGGER_DEFAULT_NAME = "lightning_logs"
 
@@ -523,7 +527,9 @@ class CaptioningCLI(LightningCLI):
             ignored = [
                 f"{key}={mine_value!r} (checkpoint: {saved_value!r})"
                 for key, mine_value, saved_value in _differences(mine, hparams)
-                if key.split(".")[0] not in DECODING_KEYS and not key.endswith("vocab_size")
+                if key.split(".")[0] not in DECODING_KEYS
+                and not key.endswith("vocab_size")
+                and key not in {f"decoder.init_args.{k}" for k in DECODER_RUNTIME_KEYS}
             ]
             if ignored:
                 shown = ", ".join(ignored[:4]) + (", …" if len(ignored) > 4 else "")
@@ -531,6 +537,12 @@ class CaptioningCLI(LightningCLI):
         for key in DECODING_KEYS:
             if key in mine:
                 hparams[key] = mine[key]
+        saved_args = (hparams.get("decoder") or {}).get("init_args")
+        mine_args = (mine.get("decoder") or {}).get("init_args") or {}
+        if isinstance(saved_args, dict):
+            for key in DECODER_RUNTIME_KEYS:
+                if key in saved_args:  # the config's value, else the argument's default (off)
+                    saved_args[key] = mine_args.get(key, False) if saved_class == my_class else False
         self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
 
     def _keep_csv_metrics(self, path: Path, step: int) -> None:

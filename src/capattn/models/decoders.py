@@ -523,7 +523,9 @@ class ShowAttendTellDecoder(CaptionDecoder):
             for a GPU, where one step is many small kernels. The first call compiles; a run traces
             the step a few more times (one row per image against K, one image left, fit's no_grad
             validation against test's inference tensors), never once per batch size: a Lightning
-            demo fit with its test traced it 6 times on an H100. Leave it off on a CPU: there,
+            demo fit with its test traced it 6 times on an H100. A run-time switch: a checkpoint
+            trained with it takes the command line's value (test, predict, resume), and
+            ``capattn caption`` never compiles. Leave it off on a CPU: there,
             greedy over 100 images at paper sizes took 1.19 s compiled against 0.57 s eager (after a
             57 s compile), and beam search was still compiling after 15 min.
     """
