@@ -113,6 +113,15 @@ def test_compiled_step_gives_the_eager_captions():
     torch.testing.assert_close(compiled.scores, eager.scores, rtol=1e-4, atol=1e-4)
 
 
+def test_compiled_step_is_traced_per_kind_of_call_with_the_real_compiler():
+    """As the CPU test with torch's tracer alone, here with inductor's kernels: batches of 8 down to
+    1 image, greedy and beam, no_grad and inference_mode; the eager captions, and a few traces."""
+    from .test_decoders import decode_with_compiled_step
+
+    traces = decode_with_compiled_step("cuda")
+    assert 0 < traces <= 8, f"the compiled step was traced {traces} times"
+
+
 def test_bf16_in_hardware_follows_the_cards_generation():
     """bf16-mixed warns on a GPU before Ampere (compute capability 8), where torch emulates bf16."""
     from capattn.models.native import bf16_in_hardware
