@@ -251,19 +251,26 @@ def features(batch: int, feature_dim: int, *, seed: int = 0, device: torch.devic
 
 
 def sat_train_flops(
-    lengths: torch.Tensor, feature_dim: int, *, grid_grad: bool = False, keys_every_step: bool = False, **sizes: int
+    lengths: torch.Tensor,
+    feature_dim: int,
+    *,
+    grid_grad: bool = False,
+    keys_every_step: bool = False,
+    images: int | None = None,
+    **sizes: int,
 ) -> float:
     """FLOPs of one Show, Attend and Tell training step, forward + backward, at the real positions.
 
     Per predicted word: attention query, energy and context, the LSTM's input and recurrent
     matmuls, the deep output layer and L_o (forward ×3 for the backward's two matmuls). Per image:
     the keys W_a a_i once (backward: the weight's gradient, and the grid's if the encoder trains), or
-    at every word with ``keys_every_step`` (what the tutorial-style baseline computes).
+    at every word with ``keys_every_step`` (what the tutorial-style baseline computes). ``images``:
+    how many different images the captions have (``data.group_captions``; default one per caption).
     Elementwise work is not counted.
     """
     words = float((lengths - 1).sum())
     per_word, keys = _sat_macs(feature_dim, sizes)
-    keys *= words if keys_every_step else lengths.shape[0]  # per word: the tutorial-style baseline
+    keys *= words if keys_every_step else (images or lengths.shape[0])  # per word: the tutorial-style baseline
     return 2 * (3 * words * per_word + (3 if grid_grad else 2) * keys)
 
 

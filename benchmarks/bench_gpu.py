@@ -9,6 +9,8 @@ Show, Attend and Tell at the paper's sizes (196×2048 grid, V=10,000, 512 dims) 
    and one COCO epoch (113,287 images × 5 captions) projected from the step time.
 2. Beam search 5 and greedy over 1,000 images, with and without ``compile_step`` (the decoder's
    torch.compile switch), in fp32 and bf16.
+3. Show and Tell measured the same way (training step and decoding, no ``compile_step``: its
+   decoder is cuDNN's LSTM), with its time as a ratio to Show, Attend and Tell's.
 Prints tables and appends them to RESULTS.md. Without CUDA (and without --quick) it says so and stops.
 """
 
@@ -38,11 +40,12 @@ from _common import (  # noqa: E402
     median,
     results_title,
     sat_train_flops,
+    show_tell_train_flops,
     sync,
 )
 
 from capattn.decoding import beam_search, greedy  # noqa: E402
-from capattn.models.decoders import ShowAttendTellDecoder  # noqa: E402
+from capattn.models.decoders import ShowAttendTellDecoder, ShowTellDecoder  # noqa: E402
 
 SPECIAL = dict(bos=1, eos=2, pad=0)
 
@@ -102,25 +105,28 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     common = dict(vocab_size=s["vocab"], feature_dim=d, embed_dim=s["embed_dim"], hidden_dim=s["hidden_dim"])
     sat = ShowAttendTellDecoder(attention_dim=s["attention_dim"], **common).to(device)
-    untrained = {k: v.clone() for k, v in sat.state_dict().items()}
+    show_tell = ShowTellDecoder(**common).to(device)
+    untrained = {m: {k: v.clone() for k, v in m.state_dict().items()} for m in (sat, show_tell)}
     enc = features(batch, d, device=device)
     tokens, lengths = caption_batch(batch, s["vocab"], device=device, longest_first=True)
-    optimizer = torch.optim.Adam(sat.parameters(), fused=device.type == "cuda")
+    optimizers = {m: torch.optim.Adam(m.parameters(), fused=device.type == "cuda") for m in (sat, show_tell)}
     flops = sat_train_flops(lengths.cpu(), d, **sizes)
 
-    def train(precision: str):
+    def train(precision: str, decoder: torch.nn.Module = sat):
         def step() -> None:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                out = sat(enc, tokens, lengths)
+                out = decoder(enc, tokens, lengths)
                 loss = F.cross_entropy(out.logits.float(), out.targets) + out.aux_loss.float()
-            optimizer.zero_grad(set_to_none=True)
+            optimizers[decoder].zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            optimizers[decoder].step()
 
         return step
 
-    sat.train()
-    t = {name: median(xs) for name, xs in interleaved({p: train(p) for p in peaks}, repeats, device).items()}
+    sat.train(), show_tell.train()
+    timed = {**{p: train(p) for p in peaks}, **{f"st {p}": train(p, show_tell) for p in peaks}}
+    t = {name: median(xs) for name, xs in interleaved(timed, repeats, device).items()}
+    t_st = {p: t.pop(f"st {p}") for p in peaks}
     rows = []
     for precision, seconds in t.items():
         tflops = flops / seconds / 1e12
@@ -149,31 +155,83 @@ def main(argv: list[str] | None = None) -> int:
         rows,
     )
     print(table1)
+    st_flops = show_tell_train_flops(lengths.cpu(), d, **sizes)
+    rows_st = []
+    for precision, seconds in t_st.items():
+        tflops = st_flops / seconds / 1e12
+        rows_st.append(
+            [
+                precision,
+                f"{1000 * seconds:.1f}",
+                f"{batch / seconds:,.0f}",
+                f"{tflops:.1f} ({100 * tflops * 1e3 / peaks[precision]:.0f}% of {peaks[precision] / 1e3:.0f})",
+                f"{COCO_TRAIN_CAPTIONS / batch * seconds:.0f} s",
+                f"{seconds / t[precision]:.2f}×",
+            ]
+        )
+    table_st = markdown_table(
+        [
+            "precision",
+            f"ms/step (B={batch})",
+            "captions/s",
+            "TFLOP/s (% of matmul peak)",
+            "COCO epoch",
+            "time / Show, Attend and Tell's",
+        ],
+        rows_st,
+    )
+    print(table_st)
 
     # The timed steps above taught the decoder where random captions end; decode with the initial
     # weights, whose captions run to max_len, so every search does the same, known number of steps.
-    sat.load_state_dict(untrained)
-    sat.eval()
+    for m in (sat, show_tell):
+        m.load_state_dict(untrained[m])
+        m.eval()
     grid = features(images, d, device=device)
     max_len = 5 if args.quick else 51
-    rows2 = []
-    for compiled in (False, True) if compile_too else (False,):
-        sat.compile_step = compiled
+    rows2, sat_img_s = [], {}
+    kinds = [(sat, False), (sat, True)] if compile_too else [(sat, False)]
+    for decoder, compiled in [*kinds, (show_tell, False)]:
+        if decoder is sat:
+            sat.compile_step = compiled
         for precision in peaks:
             for beam in (1, 5):
 
-                def run(beam=beam, precision=precision):
+                def run(beam=beam, precision=precision, decoder=decoder):
                     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
                         if beam == 1:
-                            return greedy(sat, grid, max_len=max_len, **SPECIAL)
-                        return beam_search(sat, grid, beam_size=beam, max_len=max_len, **SPECIAL)
+                            return greedy(decoder, grid, max_len=max_len, **SPECIAL)
+                        return beam_search(decoder, grid, beam_size=beam, max_len=max_len, **SPECIAL)
 
                 seconds = median(interleaved({"run": run}, max(1, repeats // 3), device)["run"])
                 words = (run().tokens[:, 0] != SPECIAL["pad"]).sum(-1).float().mean().item()
                 name = "greedy" if beam == 1 else f"beam {beam}"
-                rows2.append([name, precision, "yes" if compiled else "no", f"{words:.1f}", f"{images / seconds:,.0f}"])
+                if decoder is sat and not compiled:
+                    sat_img_s[name, precision] = images / seconds
+                    ratio = "1×"
+                else:
+                    ratio = f"{sat_img_s[name, precision] / (images / seconds):.2f}×"
+                rows2.append(
+                    [
+                        "Show, Attend and Tell" if decoder is sat else "Show and Tell",
+                        name,
+                        precision,
+                        "yes" if compiled else "no",
+                        f"{words:.1f}",
+                        f"{images / seconds:,.0f}",
+                        ratio,
+                    ]
+                )
     table2 = markdown_table(
-        ["search", "precision", "compile_step", "tokens per caption", f"img/s ({images} images, ≤ {max_len} steps)"],
+        [
+            "decoder",
+            "search",
+            "precision",
+            "compile_step",
+            "tokens per caption",
+            f"img/s ({images} images, ≤ {max_len} steps)",
+            "time / Show, Attend and Tell's eager",
+        ],
         rows2,
     )
     print(table2)
@@ -182,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Show, Attend and Tell, 196×{d} grid, V={s['vocab']}, {s['embed_dim']} dims, cached features, "
         f"COCO-like lengths; {note}; matmul peak measured here: fp32/TF32 {peaks['fp32'] / 1e3:.1f}, "
         f"bf16 {peaks['bf16'] / 1e3:.1f} TFLOP/s. COCO epoch = {COCO_TRAIN_CAPTIONS:,} captions / B × step "
-        f"(data loading not included).\n\n{table1}\n\nDecoding, untrained weights:\n\n{table2}\n"
+        f"(data loading not included).\n\n{table1}\n\nShow and Tell, the same batch and sizes (cuDNN's LSTM over "
+        f"every input, the output layer on the real positions):\n\n{table_st}\n\nDecoding, untrained "
+        f"weights:\n\n{table2}\n"
     )
     append_results(args.results, title, body)
     return 0

@@ -67,14 +67,23 @@ def train_step(optimizer, loss_fn, bf16_on: torch.device | None = None):
     return step
 
 
-def capattn_loss(decoder, enc, tokens, lengths):
+def capattn_loss(decoder, enc, tokens, lengths, image_index=None):
     """``CaptioningModule._losses``: cross-entropy over the real positions + the decoder's aux term."""
+    kwargs = {} if image_index is None else {"image_index": image_index}
 
     def loss() -> torch.Tensor:
-        out = decoder(enc, tokens, lengths)
+        out = decoder(enc, tokens, lengths, **kwargs)
         return F.cross_entropy(out.logits, out.targets) + out.aux_loss
 
     return loss
+
+
+CAPTIONS_PER_IMAGE = 5  # COCO's and Flickr8k's: the grouped row's batch (``data.group_captions``)
+
+
+def grouped_rows(batch: int, device: torch.device) -> torch.Tensor:
+    """(B,) the image of each caption when the batch's B captions come 5 per image (the last image fewer)."""
+    return torch.arange(batch, device=device) // CAPTIONS_PER_IMAGE
 
 
 def capattn_adam(model, precision: str = "32-true"):
@@ -92,25 +101,33 @@ def step_fns(
     enc = features(batch, d, device=device)
     sat = ShowAttendTellDecoder(feature_dim=d, attention_dim=s["attention_dim"], **common).to(device)
     st = ShowTellDecoder(feature_dim=d, **common).to(device)
+    image_index = grouped_rows(batch, device)
+    grouped = features(int(image_index[-1]) + 1, d, seed=1, device=device)  # the grouped row's images
     # Same parameters, same loss: check it (dropout off) before timing anything.
     sat.eval()
     with torch.no_grad():
         ours = capattn_loss(sat, enc, tokens, lengths)()
         theirs = tutorial_loss(sat, enc.grid, tokens, lengths)
+        ours_grouped = capattn_loss(sat, grouped, tokens, lengths, image_index)()
+        theirs_grouped = tutorial_loss(sat, grouped.grid.index_select(0, image_index), tokens, lengths)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours_grouped, theirs_grouped, rtol=1e-4, atol=1e-4)
     sat.train(), st.train()
 
     def tutorial(bf16_on=None):  # torch's default Adam, as tutorials use it
         loss = lambda: tutorial_loss(sat, enc.grid, tokens, lengths)  # noqa: E731
         return train_step(torch.optim.Adam(sat.parameters()), loss, bf16_on)
 
-    def ours(decoder, bf16_on=None):  # Adam as configure_optimizers builds it at that precision
+    def ours(decoder, bf16_on=None, grouped_images=None):  # Adam as configure_optimizers builds it at that precision
         adam = capattn_adam(decoder, "bf16-mixed" if bf16_on else "32-true")
+        if grouped_images is not None:
+            return train_step(adam, capattn_loss(decoder, grouped_images, tokens, lengths, image_index), bf16_on)
         return train_step(adam, capattn_loss(decoder, enc, tokens, lengths), bf16_on)
 
     fns = {
         "tutorial": tutorial(),
         "capattn": ours(sat),
+        "capattn_grouped": ours(sat, grouped_images=grouped),
         "capattn_torch": without_attention_kernels(ours(sat)),
         "show_tell": ours(st),
     }
@@ -180,17 +197,23 @@ def main(argv: list[str] | None = None) -> int:
     t_all = {d: {name: median(xs) for name, xs in raw[d].items()} for d in dims}
     mems = peak_memory(argv, device, dims, build)
     rows = []
+    images = int(grouped_rows(batch, device)[-1]) + 1  # of the grouped row
     for d in dims:
         t, mem = t_all[d], mems[d]
         flops = {
             "tutorial": sat_train_flops(lengths, d, keys_every_step=True, **sizes),
             "capattn": sat_train_flops(lengths, d, **sizes),
+            "capattn_grouped": sat_train_flops(lengths, d, images=images, **sizes),
             "capattn_torch": sat_train_flops(lengths, d, **sizes),
             "show_tell": show_tell_train_flops(lengths, d, **sizes),
         }
         labels = {
             "tutorial": "SAT, tutorial-style",
             "capattn": "SAT, capattn",
+            "capattn_grouped": (
+                f"SAT, capattn, {CAPTIONS_PER_IMAGE} captions per image "
+                f"(data.group_captions: {images} image{'s' if images > 1 else ''})"
+            ),
             "capattn_torch": "SAT, capattn, attention in PyTorch (CAPATTN_NATIVE=0)",
             "show_tell": "Show and Tell, capattn",
         }
@@ -251,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         + ". Model GFLOP counts each implementation's own "
         f"matmul work (the baseline projects the keys again at every word). The tutorial-style baseline is "
         f"benchmarks/tutorial.py, same parameters, same loss (checked). 'Attention in PyTorch': capattn's step "
-        f"with its fused CPU attention kernels off.\n\n{table}\n"
+        f"with its fused CPU attention kernels off. '{CAPTIONS_PER_IMAGE} captions per image': the same "
+        f"{batch} captions from fewer images, {CAPTIONS_PER_IMAGE} each (data.group_captions; as COCO and "
+        f"Flickr8k have them): capattn projects each image's keys once for its captions, and its ratio is to "
+        f"the same tutorial step (whose work does not depend on which images the rows show; its loss on "
+        f"those rows is the same, checked).\n\n{table}\n"
     )
     append_results(args.results, title, body)
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -349,3 +350,50 @@ def test_bf16_mixed_on_a_cpu_without_bf16_instructions_trains_and_warns_naming_t
         _cached_features_run(tmp_path / "native", decoder_cls=ShowAttendTellDecoder, batches=1, precision="bf16-mixed")
     emulated = [w for w in seen if _EMULATED_BF16 in str(w.message)]
     assert len(emulated) == (0 if bf16_in_hardware(torch.device("cpu")) else 1)
+
+
+class _DecoderWithoutImageIndex(ShowTellDecoder):
+    """A decoder of one's own whose ``forward`` predates ``image_index``."""
+
+    def forward(self, enc, captions, lengths):
+        return super().forward(enc, captions, lengths)
+
+
+@pytest.mark.parametrize(
+    "decoder_cls", [ShowAttendTellDecoder, _DecoderWithoutImageIndex], ids=["show_attend_tell", "without_image_index"]
+)
+def test_grouped_captions_run_the_encoder_once_per_image_and_keep_the_loss(decoder_cls, tmp_path):
+    """``data.group_captions``: the encoder sees each image of a batch once and the loss is the one
+    of the same captions with one image row each (a decoder without ``image_index`` gets those rows)."""
+    L.seed_everything(0)
+    dm = CaptionDataModule(
+        reader=ShapesReader(num_train=12, num_val=4, num_test=4, seed=5),
+        batch_size=3,
+        group_captions=True,
+        prepared_dir=str(tmp_path / "prepared"),
+    )
+    extra = {"attention_dim": 8} if decoder_cls is ShowAttendTellDecoder else {}
+    model = CaptioningModule(
+        encoder=ImageEncoder(backbone="small_cnn", small_cnn_channels=(8, 8, 16)),
+        decoder=decoder_cls(vocab_size=dm.vocab_size, feature_dim=16, embed_dim=8, hidden_dim=16, dropout=0.0, **extra),
+        val_scorers=("bleu",),
+        tokenizer="simple",
+    )
+    seen: list[int] = []
+    model.encoder.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    batch = next(iter(dm.train_dataloader()))
+    assert len(batch.image_ids) == 3 and len(batch) == 15  # 5 captions per shapes image
+    model.train()
+    enc = model.encode(batch)
+    grouped = model._losses(batch, enc)["loss"]
+    rows = batch.image_index
+    flat = dataclasses.replace(
+        batch, images=batch.images[rows], image_ids=[batch.image_ids[i] for i in rows.tolist()], image_index=None
+    )
+    torch.testing.assert_close(grouped, model._losses(flat, model.encode(flat))["loss"])
+    assert seen == [3, 15]
+    seen.clear()
+    trainer = L.Trainer(fast_dev_run=2, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)
+    assert seen[:2] == [3, 3]  # two training batches of 3 images (15 captions), then validation
+    assert all(torch.isfinite(v) for v in trainer.callback_metrics.values())

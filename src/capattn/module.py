@@ -20,7 +20,7 @@ from capattn.decoding import Captions, beam_search
 from capattn.errors import ConfigError, NonFiniteLossError, VocabularyMismatchError
 from capattn.io import coco_image_id, run_dir, write_json_atomic
 from capattn.metrics import SCORERS, CaptionScorer
-from capattn.models.decoders import CaptionDecoder
+from capattn.models.decoders import CaptionDecoder, DecoderOutput
 from capattn.models.encoder import EncoderOutput, ImageEncoder
 from capattn.models.native import bf16_in_hardware
 from capattn.vocab import Vocabulary
@@ -219,8 +219,20 @@ class CaptioningModule(L.LightningModule):
         """Encoder output of a batch: cached features if the batch has them, else the encoder's."""
         return batch.features if batch.features is not None else self.encoder(batch.images)
 
+    def _teacher_forced(self, batch: CaptionBatch, enc: EncoderOutput) -> DecoderOutput:
+        """The decoder over the batch's captions; with several captions per image (``image_index``)
+        it sees each image once, unless its ``forward`` does not take ``image_index``: it then gets
+        a row of ``enc`` per caption."""
+        if batch.image_index is None:
+            return self.decoder(enc, batch.tokens, batch.lengths)
+        if "image_index" in inspect.signature(self.decoder.forward).parameters:
+            return self.decoder(enc, batch.tokens, batch.lengths, image_index=batch.image_index)
+        rows = batch.image_index
+        enc = EncoderOutput(grid=enc.grid.index_select(0, rows), pooled=enc.pooled.index_select(0, rows))
+        return self.decoder(enc, batch.tokens, batch.lengths)
+
     def _losses(self, batch: CaptionBatch, enc: EncoderOutput) -> dict[str, torch.Tensor]:
-        out = self.decoder(enc, batch.tokens, batch.lengths)
+        out = self._teacher_forced(batch, enc)
         # The decoder scores only the N real positions, (N, V) against (N,) targets, so padding is
         # never computed; the mean over them is the padded cross-entropy with ignore_index=<pad>.
         ce = F.cross_entropy(out.logits, out.targets, label_smoothing=self.hparams.label_smoothing)

@@ -51,6 +51,31 @@ def test_training_batches_pair_each_caption_and_pad_correctly(shapes):
     assert len(seen) == 100
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_grouped_training_batches_hold_every_caption_of_each_image_once(shapes, workers):
+    dm = shapes(batch_size=3, group_captions=True, max_caption_len=6, num_workers=workers)
+    loader = dm.train_dataloader()
+    assert len(loader.dataset) == 20 and len(loader) == 7  # batch_size counts images: ceil(20 / 3)
+    pairs = []
+    for batch in loader:
+        assert len(batch.image_ids) <= 3 and batch.images.shape[0] == len(batch.image_ids)
+        assert batch.image_index.shape == (len(batch),) and batch.tokens.shape[0] == len(batch)
+        assert batch.image_index.tolist() == sorted(batch.image_index.tolist())  # each image's captions together
+        for row, n, image in zip(batch.tokens, batch.lengths.tolist(), batch.image_index.tolist(), strict=True):
+            assert row[0] == dm.vocab.bos and row[n - 1] == dm.vocab.eos and (row[n:] == dm.vocab.pad).all()
+            assert n <= 6 + 2
+            pairs.append((batch.image_ids[image], tuple(row[: n - 1].tolist())))
+    # the same (image, caption) pairs, each once, as one pair per item
+    single = shapes(batch_size=7, max_caption_len=6).train_dataloader()
+    expected = [(i, tuple(t[: n - 1].tolist())) for b in single for i, t, n in zip(b.image_ids, b.tokens, b.lengths)]
+    assert len(pairs) == 100 and sorted(pairs) == sorted(expected)
+
+
+def test_grouped_batch_size_is_checked_against_the_images(shapes):
+    with pytest.raises(ConfigError, match=r"batch_size=21 is larger than the training split \(20 images"):
+        shapes(batch_size=21, group_captions=True).setup("fit")
+
+
 def test_evaluation_batches_have_one_item_per_image_with_all_references(shapes):
     dm = shapes(batch_size=4, eval_batch_size=3)
     batches = list(dm.val_dataloader())

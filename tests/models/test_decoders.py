@@ -121,6 +121,43 @@ def test_doubly_stochastic_term_follows_eq_14():
     assert off(enc, tokens, lengths).aux_loss == 0
 
 
+@pytest.mark.parametrize("grid_grad", [False, True], ids=["cached_features", "encoder_trains"])
+def test_grouped_captions_give_the_loss_and_gradients_of_a_row_per_caption(decoder, grid_grad):
+    """``image_index`` (several captions per image, ``data.group_captions``): the same outputs,
+    loss and gradients as the batch with each image's features repeated for every caption, and
+    Show, Attend and Tell projects the keys once per image."""
+    decoder.to(torch.float64)
+    decoder.dropout.p = 0.0
+    tokens, lengths = random_captions(8, 9, vocab=V, seed=4)
+    image_index = torch.tensor([0, 0, 0, 1, 2, 2, 2, 2])  # image 1 has one caption
+    grid = torch.randn(3, L, D, dtype=torch.float64, requires_grad=grid_grad)
+    params = list(decoder.parameters()) + ([grid] if grid_grad else [])
+    projected = []
+    if isinstance(decoder, ShowAttendTellDecoder):
+        decoder.attention.key_proj.register_forward_hook(lambda m, args, out: projected.append(args[0].shape[0]))
+
+    def loss_and_grads(enc: EncoderOutput, **kwargs):
+        out = decoder(enc, tokens, lengths, **kwargs)
+        loss = torch.nn.functional.cross_entropy(out.logits, out.targets) + out.aux_loss
+        return out, loss, torch.autograd.grad(loss, params)
+
+    grouped, loss, grads = loss_and_grads(EncoderOutput(grid=grid, pooled=grid.mean(1)), image_index=image_index)
+    rows = grid.index_select(0, image_index)
+    expected, expected_loss, expected_grads = loss_and_grads(EncoderOutput(grid=rows, pooled=rows.mean(1)))
+    assert projected in ([], [3, 8])  # once per image, then once per caption for the reference
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(grouped.logits, expected.logits)
+    assert torch.equal(grouped.targets, expected.targets) and torch.equal(grouped.mask, expected.mask)
+    if expected.alphas is not None:
+        torch.testing.assert_close(grouped.alphas, expected.alphas)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():  # validation's loss: no autograd, the plain loop
+        enc = EncoderOutput(grid=grid.detach(), pooled=grid.detach().mean(1))
+        got = decoder(enc, tokens, lengths, image_index=image_index).logits
+        torch.testing.assert_close(got, expected.logits)
+
+
 def test_attention_keys_are_projected_once_per_image():
     """prepare() projects the keys; step() must not project the grid again."""
     dec = DECODERS["show_attend_tell"]()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -36,21 +37,24 @@ def image_transform(image_size: int | None, augmentations: Sequence[v2.Transform
     return v2.Compose(steps)
 
 
-# One item: image (3, H, W) or None, cached grid (L, D) and pooled (D,) fp16 or None, token ids, image id, references.
-Item = tuple[torch.Tensor | None, np.ndarray | None, np.ndarray | None, np.ndarray, str, list[str]]
+# One item: image (3, H, W) or None, cached grid (L, D) and pooled (D,) fp16 or None, token ids (of one
+# caption, or a list: all of the image's, ``group_captions``), image id, references.
+Item = tuple[torch.Tensor | None, np.ndarray | None, np.ndarray | None, np.ndarray | list[np.ndarray], str, list[str]]
 
 
 class CaptionDataset(Dataset):
     """A prepared split: images (or cached features) with their captions, read from memory maps.
 
-    In training each (image, caption) pair is one item; in evaluation each image is one item,
-    carrying its first caption (for the validation loss) and all references (for the metrics).
+    In training each (image, caption) pair is one item, or with ``grouped`` each image with all of
+    its captions; in evaluation each image is one item, carrying its first caption (for the
+    validation loss) and all references (for the metrics).
 
     Args:
         split: the prepared split.
         reader: loads each image (unused with ``features``).
         transform: PIL image → tensor.
         pairs: one item per caption (training) rather than per image.
+        grouped: one item per image carrying all of its captions (training; not with ``pairs``).
         max_caption_len: longer captions are cut to this many words, ``<eos>`` kept (None: never).
         features: the feature cache; items then carry cached features instead of images.
     """
@@ -62,13 +66,18 @@ class CaptionDataset(Dataset):
         reader: CaptionReader,
         transform: v2.Transform,
         pairs: bool,
+        grouped: bool = False,
         max_caption_len: int | None = None,
         features: FeatureCache | None = None,
     ) -> None:
+        if pairs and grouped:
+            raise ValueError("CaptionDataset: pairs and grouped exclude each other")
         self.split = split
         self.reader = reader
         self.transform = transform
         self.pairs = pairs
+        self.grouped = grouped
+        self._caption_ends: np.ndarray | None = None  # grouped: the row after each image's last caption
         self.max_caption_len = max_caption_len
         self.features = features
 
@@ -77,8 +86,15 @@ class CaptionDataset(Dataset):
 
     @property
     def lengths(self) -> np.ndarray:
-        """(N,) caption length of every item (``<bos>``/``<eos>`` included), for length bucketing."""
-        lengths = self.split.lengths if self.pairs else self.split.lengths[self.split.first_caption]
+        """(N,) caption length of every item (``<bos>``/``<eos>`` included; grouped: its longest
+        caption's), for length bucketing."""
+        if self.pairs:
+            lengths = self.split.lengths
+        elif self.grouped:
+            lengths = np.zeros(self.split.num_images, dtype=self.split.lengths.dtype)
+            np.maximum.at(lengths, self.split.caption_image, self.split.lengths)
+        else:
+            lengths = self.split.lengths[self.split.first_caption]
         return lengths if self.max_caption_len is None else np.minimum(lengths, self.max_caption_len + 2)
 
     def __getitem__(self, index: int) -> Item:
@@ -93,6 +109,12 @@ class CaptionDataset(Dataset):
             caption_rows, image_rows = indices, self.split.caption_image[indices]
         else:
             caption_rows, image_rows = self.split.first_caption[indices], indices
+        counts = None
+        if self.grouped:  # every caption of each image: an image's captions are consecutive rows
+            if self._caption_ends is None:
+                self._caption_ends = np.append(self.split.first_caption[1:], len(self.split.caption_image))
+            counts = self._caption_ends[indices] - caption_rows
+            caption_rows = np.concatenate([np.arange(a, a + n) for a, n in zip(caption_rows, counts, strict=True)])
         tokens = self.split.tokens(caption_rows)
         images = self.split.image_rows(image_rows)
         if self.features is not None:
@@ -100,11 +122,12 @@ class CaptionDataset(Dataset):
             grid = np.empty((len(indices), *self.features.grid(self.split.name).shape[1:]), np.float16)
             grid[order] = self.features.grid(self.split.name)[image_rows[order]]
             pooled = self.features.pooled(self.split.name)[image_rows]
+        ids = [self._cut(np.asarray(t, dtype=np.int64)) for t in tokens]
+        if counts is not None:  # the captions of item k: a list
+            bounds = np.concatenate([[0], np.cumsum(counts)])
+            ids = [ids[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         items: list[Item] = []
         for k in range(len(indices)):
-            ids = np.asarray(tokens[k], dtype=np.int64)
-            if self.max_caption_len is not None and len(ids) > self.max_caption_len + 2:
-                ids = np.concatenate([ids[: self.max_caption_len + 1], ids[-1:]])  # keep <eos>
             references = images["references"][k]
             image = None
             if self.features is None:
@@ -118,17 +141,31 @@ class CaptionDataset(Dataset):
                     image,
                     None if self.features is None else grid[k],
                     None if self.features is None else pooled[k],
-                    ids,
+                    ids[k],
                     images["image_id"][k],
                     references,
                 )
             )
         return items
 
+    def _cut(self, ids: np.ndarray) -> np.ndarray:
+        """A caption's ids cut to ``max_caption_len`` words, ``<eos>`` kept."""
+        if self.max_caption_len is not None and len(ids) > self.max_caption_len + 2:
+            return np.concatenate([ids[: self.max_caption_len + 1], ids[-1:]])
+        return ids
+
 
 def collate(items: Sequence[Item], *, pad: int) -> CaptionBatch:
-    """Stacks images (or cached fp16 features) and right-pads captions with ``pad`` into a ``CaptionBatch``."""
+    """Stacks images (or cached fp16 features) and right-pads captions with ``pad`` into a ``CaptionBatch``.
+
+    Items whose captions are a list (``group_captions``) give every caption a row and the batch an
+    ``image_index`` (the image of each row)."""
     images, grids, pooled, captions, image_ids, references = zip(*items, strict=True)
+    image_index = None
+    if isinstance(captions[0], list):
+        counts = torch.tensor([len(c) for c in captions])
+        image_index = torch.repeat_interleave(torch.arange(len(captions)), counts)  # (C,)
+        captions = [c for group in captions for c in group]
     lengths = torch.tensor([len(c) for c in captions])
     tokens = torch.full((len(captions), int(lengths.max())), pad, dtype=torch.long)  # (B, T)
     for row, caption in enumerate(captions):
@@ -144,6 +181,7 @@ def collate(items: Sequence[Item], *, pad: int) -> CaptionBatch:
         lengths=lengths,
         image_ids=list(image_ids),
         references=[list(r) for r in references],
+        image_index=image_index,
     )
 
 
@@ -202,6 +240,13 @@ class CaptionDataModule(L.LightningDataModule):
             3 epochs: Show, Attend and Tell's test CIDEr-D 139 with it, 235 without). Either way
             each batch comes longest caption first.
         bucket_batches: batches per length-sorting window.
+        group_captions: training items are images, each with all of its captions (``batch_size``
+            then counts images: a batch of 10 COCO or Flickr8k images holds about 50 captions).
+            Each image is then read, encoded and its attention keys projected once for all of its
+            captions instead of once per caption, and every caption is still trained on once per
+            epoch; a batch holds fewer different images (as neuraltalk2's and
+            self-critical.pytorch's ``seq_per_img`` batches). Off by default: one (image, caption)
+            pair per item, as in the papers.
         augmentations: torchvision v2 transforms for training images only, after resizing
             (``class_path``/``init_args`` each); none by default.
     """
@@ -225,6 +270,7 @@ class CaptionDataModule(L.LightningDataModule):
         features_dir: str | None = None,
         bucket_by_length: bool = False,
         bucket_batches: int = 100,
+        group_captions: bool = False,
         augmentations: list[v2.Transform] | None = None,
     ) -> None:
         super().__init__()
@@ -260,6 +306,7 @@ class CaptionDataModule(L.LightningDataModule):
         self.features_dir = None if features_dir is None else Path(features_dir)
         self.bucket_by_length = bucket_by_length
         self.bucket_batches = bucket_batches
+        self.group_captions = group_captions
         self.augmentations = list(augmentations or [])
         self._checked = False  # prepare's up-to-date check ran in this process
         self._prepared: PreparedData | None = None
@@ -334,10 +381,11 @@ class CaptionDataModule(L.LightningDataModule):
         if self.features == "cache" and self._cache is None:
             self.use_feature_cache(self._model_encoder())
         if stage == "fit":
-            n = self.prepared.split("train").num_captions
+            split = self.prepared.split("train")
+            n, items = (split.num_images, "images") if self.group_captions else (split.num_captions, "captions")
             if self.batch_size > n:
                 raise ConfigError(
-                    f"data.batch_size={self.batch_size} is larger than the training split ({n:,} captions in "
+                    f"data.batch_size={self.batch_size} is larger than the training split ({n:,} {items} in "
                     f"{self.prepared_dir}) — lower data.batch_size"
                 )
 
@@ -356,7 +404,8 @@ class CaptionDataModule(L.LightningDataModule):
     # --- loaders -------------------------------------------------------------------------------
 
     def dataset(self, split: str) -> CaptionDataset:
-        """The dataset of ``split`` (``"train"``: one item per caption; others: one per image).
+        """The dataset of ``split`` (``"train"``: one item per caption, or per image with all its
+        captions with ``group_captions``; others: one per image).
 
         Raises:
             DataError: unknown split, or no images in it.
@@ -369,7 +418,8 @@ class CaptionDataModule(L.LightningDataModule):
                 self.prepared.split(split),
                 reader=self.reader,
                 transform=image_transform(self.image_size, self.augmentations if train else ()),
-                pairs=train,
+                pairs=train and not self.group_captions,
+                grouped=train and self.group_captions,
                 max_caption_len=self.max_caption_len if train else None,
                 features=self._cache,
             )
@@ -418,12 +468,5 @@ class CaptionDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, CaptionBatch) and batch.features is not None and batch.features.grid.is_floating_point():
             features = EncoderOutput(grid=batch.features.grid.float(), pooled=batch.features.pooled.float())
-            batch = CaptionBatch(
-                images=batch.images,
-                features=features,
-                tokens=batch.tokens,
-                lengths=batch.lengths,
-                image_ids=batch.image_ids,
-                references=batch.references,
-            )
+            batch = dataclasses.replace(batch, features=features)
         return batch

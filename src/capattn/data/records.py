@@ -31,15 +31,18 @@ class CaptionRecord:
 
 @dataclass(frozen=True)
 class CaptionBatch:
-    """What a loader yields: images (or cached features), one caption each, all references.
+    """What a loader yields: images (or cached features), their captions, all references.
 
     Args:
         images: (B, 3, H, W) float in [0, 1], or None when ``features`` are given.
         features: cached encoder outputs, or None.
-        tokens: (B, T) ``<bos> … <eos> <pad>…`` ids, one caption per image.
-        lengths: (B,) caption lengths counting ``<bos>`` and ``<eos>``.
+        tokens: (C, T) ``<bos> … <eos> <pad>…`` ids: one caption per image (C = B), or with
+            ``image_index`` all the captions of each image (``data.group_captions``).
+        lengths: (C,) caption lengths counting ``<bos>`` and ``<eos>``.
         image_ids: the B image ids.
         references: every reference caption of each image, raw text, for metrics.
+        image_index: (C,) int64, the image (row of ``images``/``features``) of each caption, or
+            None: caption c belongs to image c.
     """
 
     images: Tensor | None
@@ -48,8 +51,10 @@ class CaptionBatch:
     lengths: Tensor
     image_ids: list[str]
     references: list[list[str]]
+    image_index: Tensor | None = None
 
     def __len__(self) -> int:
+        """The number of captions (training rows)."""
         return self.tokens.shape[0]
 
     def to(self, *args, **kwargs) -> CaptionBatch:
@@ -60,4 +65,5 @@ class CaptionBatch:
             features=None if self.features is None else self.features.to(*args, **kwargs),
             tokens=self.tokens.to(*args, **kwargs),
             lengths=self.lengths.to(*args, **kwargs),
+            image_index=None if self.image_index is None else self.image_index.to(*args, **kwargs),
         )

@@ -163,13 +163,19 @@ class CaptionDecoder(nn.Module, ABC):
         """
 
     @abstractmethod
-    def forward(self, enc: EncoderOutput, captions: Tensor, lengths: Tensor) -> DecoderOutput:
+    def forward(
+        self, enc: EncoderOutput, captions: Tensor, lengths: Tensor, image_index: Tensor | None = None
+    ) -> DecoderOutput:
         """Teacher forcing over whole captions.
 
         Args:
             enc: encoder output for B images.
-            captions: (B, T) ``<bos> … <eos> <pad>…`` token ids.
-            lengths: (B,) lengths including ``<bos>`` and ``<eos>``.
+            captions: (C, T) ``<bos> … <eos> <pad>…`` token ids.
+            lengths: (C,) lengths including ``<bos>`` and ``<eos>``.
+            image_index: (C,) int64, the image (row of ``enc``) of each caption, where images have
+                several captions in the batch (``data.group_captions``): what depends only on
+                the image is computed once per image. None: C = B, caption c is image c's. (A
+                decoder whose ``forward`` does not take it is given ``enc`` with a row per caption.)
         """
 
     def expand_memory(self, mem: Memory, beams: int) -> Memory:
@@ -269,9 +275,16 @@ class ShowTellDecoder(CaptionDecoder):
         logits = self._fc_folded(self.fc, self.dropout(out.squeeze(1)))  # (B, V)
         return StepOutput(logprobs=_step_log_softmax(logits), state=state, alpha=None)
 
-    def forward(self, enc: EncoderOutput, captions: Tensor, lengths: Tensor) -> DecoderOutput:
+    def forward(
+        self, enc: EncoderOutput, captions: Tensor, lengths: Tensor, image_index: Tensor | None = None
+    ) -> DecoderOutput:
         words = self.dropout(self.embed(captions[:, :-1]))  # (B, T−1, E)
-        inputs = torch.cat([self.prepare(enc).unsqueeze(1), words], dim=1)  # (B, T, E)
+        if image_index is None:
+            image = self.prepare(enc)  # (B, E)
+        else:  # projected once per image; dropout per caption, as without grouping
+            self._fc_folded.clear()
+            image = self.dropout(self.image_proj(enc.pooled).index_select(0, image_index))
+        inputs = torch.cat([image.unsqueeze(1), words], dim=1)  # (B, T, E)
         out, _ = self._run(inputs, None)  # (B, T, H); the output after the image predicts nothing
         mask = _target_mask(lengths, captions.shape[1] - 1)  # (B, T−1)
         logits = self.fc(self.dropout(out[:, 1:][mask]))  # (N, V): the output layer at real positions only
@@ -692,8 +705,14 @@ class ShowAttendTellDecoder(CaptionDecoder):
         logits = self._output(emb, h, context)  # (B*K, V)
         return StepOutput(logprobs=_step_log_softmax(logits), state=(h, c), alpha=alpha)
 
-    def forward(self, enc: EncoderOutput, captions: Tensor, lengths: Tensor) -> DecoderOutput:
+    def forward(
+        self, enc: EncoderOutput, captions: Tensor, lengths: Tensor, image_index: Tensor | None = None
+    ) -> DecoderOutput:
         """Teacher forcing with only the recurrence in the time loop.
+
+        With ``image_index`` (several captions per image) the keys are projected once per image and
+        gathered for its captions: at the paper's sizes the keys' projection and its gradient are
+        about half a step's matmul work with one caption per image.
 
         Rows are sorted by length so the rows still running at step t are the first b_t (a shrinking
         batch, as in a PackedSequence); nothing is computed for padded steps. Real positions are
@@ -723,13 +742,22 @@ class ShowAttendTellDecoder(CaptionDecoder):
         packed_at[rows, t_idx] = torch.arange(rows.shape[0], device=captions.device)
         to_mask_order = packed_at[mask]  # (N,)
 
-        identity = bool((order == torch.arange(batch, device=order.device)).all())
-        grid = enc.grid if identity else enc.grid.index_select(0, order)  # (B, L, D) sorted
         training = torch.is_grad_enabled()  # the hand-written loop; without autograd, ``_plain_loop``
-        if training:  # the grid as given, even under autocast (``prepare`` casts it for decoding's words)
-            mem = AttentionMemory(grid=grid, keys=self.attention.project_keys(grid))
+        if image_index is not None:  # several captions per image: keys projected once per image
+            image_of_row = image_index.index_select(0, order)  # (B,) the image of each sorted row
+            if training:  # the grid as given, even under autocast (``prepare`` casts it for decoding's words)
+                per_image = AttentionMemory(grid=enc.grid, keys=self.attention.project_keys(enc.grid))
+            else:
+                per_image = self.prepare(enc)
+            grid = per_image.grid.index_select(0, image_of_row)  # (B, L, D), a row per caption, sorted
+            mem = AttentionMemory(grid=grid, keys=per_image.keys.index_select(0, image_of_row))
         else:
-            mem = self.prepare(EncoderOutput(grid=grid, pooled=enc.pooled))
+            identity = bool((order == torch.arange(batch, device=order.device)).all())
+            grid = enc.grid if identity else enc.grid.index_select(0, order)  # (B, L, D) sorted
+            if training:
+                mem = AttentionMemory(grid=grid, keys=self.attention.project_keys(grid))
+            else:
+                mem = self.prepare(EncoderOutput(grid=grid, pooled=enc.pooled))
         h, c = self.init_state(mem)  # (B, H) each
 
         emb = self.embed(captions[rows, t_idx])  # (N, E) E y_{t−1} of every real position, time-major
