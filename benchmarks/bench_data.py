@@ -228,7 +228,57 @@ def phase_loaders(work: Path, batches: int) -> dict:
         for batch in loader:
             n += len(batch)
     samples_per_s = n / (time.perf_counter() - start)
-    return {"image_per_s_per_worker": images_per_s, "cache_samples_per_s": samples_per_s, "torch": torch.__version__}
+    return {
+        "image_per_s_per_worker": images_per_s,
+        "cache_samples_per_s": samples_per_s,
+        "cache_at_gpu_batch": cache_at_gpu_batch(common, work, encoder, quick=batches <= 1),
+        "torch": torch.__version__,
+    }
+
+
+def cache_at_gpu_batch(common: dict, work: Path, encoder, *, quick: bool) -> list[dict]:
+    """Captions/s the feature-cache loader delivers at a GPU's batch (256 captions), to the device
+    (pinned, copied, made float32 as ``on_after_batch_transfer`` does), by worker count: one
+    (image, caption) pair per item against whole images with all their captions
+    (``data.group_captions``, 52 images ≈ 256 captions), which reads each grid once per image."""
+    import torch
+
+    from capattn.data.datamodule import CaptionDataModule
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cpus = len(os.sched_getaffinity(0))
+    workers = [0] if quick else sorted({1, min(4, cpus), min(8, cpus)})
+    batch = 8 if quick else 256
+    out = []
+    for n_workers in workers:
+        for grouped in (False, True):
+            settings = {**common, "batch_size": max(1, batch // 5) if grouped else batch, "num_workers": n_workers}
+            dm = CaptionDataModule(
+                **settings, features="cache", features_dir=str(work / "features"), group_captions=grouped
+            )
+            dm.use_feature_cache(encoder)
+            loader = dm.train_dataloader()
+            captions, start, deadline = 0, None, (0.5 if quick else 5.0)
+            while start is None or time.perf_counter() - start < deadline:
+                for b in loader:
+                    b = dm.on_after_batch_transfer(b.to(device, non_blocking=True), 0)
+                    if start is None:  # the first batch starts the workers: not timed
+                        start = time.perf_counter()
+                        continue
+                    captions += len(b)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            out.append(
+                {
+                    "workers": n_workers,
+                    "grouped": grouped,
+                    "batch": settings["batch_size"],
+                    "captions_per_s": captions / (time.perf_counter() - start),
+                    "device": device.type,
+                }
+            )
+            del loader, dm
+    return out
 
 
 def run_phase(name: str, work: Path, *extra: str, in_process: bool = False) -> dict:
@@ -271,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jpegs", type=int, default=None, help="generated JPEGs for the loader timings")
     parser.add_argument("--results", type=Path, default=RESULTS, help="Markdown file the results are appended to")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument(
+        "--loaders-only", action="store_true", help="only the image and feature-cache loaders (no COCO-scale text)"
+    )
     parser.add_argument("--phase", choices=["prepare", "datamodule", "loaders"], help=argparse.SUPPRESS)
     parser.add_argument("--batches", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -290,44 +343,59 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="capattn-bench-data-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        started = time.perf_counter()
-        generate_karpathy(work / "dataset_coco.json", images)
         generate_jpegs(work / "jpegs", jpegs)
-        generate_s = time.perf_counter() - started
-        result = {
-            "images": images,
-            "json_mb": (work / "dataset_coco.json").stat().st_size / 1e6,
-            "generate_s": generate_s,
-            **run_phase("prepare", work, in_process=args.quick),
-            **run_phase("datamodule", work, in_process=args.quick),
-            **run_phase("loaders", work, "--batches", str(batches), in_process=args.quick),
-        }
+        result = {}
+        if not args.loaders_only:
+            generate_karpathy(work / "dataset_coco.json", images)
+            result = {
+                "json_mb": (work / "dataset_coco.json").stat().st_size / 1e6,
+                **run_phase("prepare", work, in_process=args.quick),
+                **run_phase("datamodule", work, in_process=args.quick),
+            }
+        result |= run_phase("loaders", work, "--batches", str(batches), in_process=args.quick)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
 
-    ok = result["dm_peak_gb"] <= LIMIT_GB
-    rows = [
-        ("images × captions", f"{images:,} × 5 ({result['train_captions']:,} training captions)"),
-        ("Karpathy JSON", f"{result['json_mb']:.0f} MB"),
-        ("prepare", f"{result['prepare_s']:.1f} s, peak RSS {result['prepare_peak_gb']:.2f} GB"),
-        (
-            "datamodule (one token epoch + all references)",
-            f"peak RSS {result['dm_peak_gb']:.2f} GB ({result['dm_baseline_gb']:.2f} GB is torch & co. imported) "
-            f"— {'OK' if ok else 'OVER'} ≤ {LIMIT_GB} GB",
-        ),
-        ("token epoch (random batches longest first, batch 64, + references)", f"{result['token_epoch_s']:.1f} s"),
+    ok = args.loaders_only or result["dm_peak_gb"] <= LIMIT_GB
+    rows = []
+    if not args.loaders_only:
+        rows += [
+            ("images × captions", f"{images:,} × 5 ({result['train_captions']:,} training captions)"),
+            ("Karpathy JSON", f"{result['json_mb']:.0f} MB"),
+            ("prepare", f"{result['prepare_s']:.1f} s, peak RSS {result['prepare_peak_gb']:.2f} GB"),
+            (
+                "datamodule (one token epoch + all references)",
+                f"peak RSS {result['dm_peak_gb']:.2f} GB ({result['dm_baseline_gb']:.2f} GB is torch & co. "
+                f"imported) — {'OK' if ok else 'OVER'} ≤ {LIMIT_GB} GB",
+            ),
+            ("token epoch (random batches longest first, batch 64, + references)", f"{result['token_epoch_s']:.1f} s"),
+        ]
+    rows += [
         (
             "image pipeline (Pillow decode, resize 224, crop)",
             f"{result['image_per_s_per_worker']:.0f} images/s per worker",
         ),
         ("feature cache (fp16 196×2048), 1 worker", f"{result['cache_samples_per_s']:.0f} samples/s"),
     ]
+    for r in result["cache_at_gpu_batch"]:
+        kind = (
+            f"{r['batch']} images with all their captions (data.group_captions)"
+            if r["grouped"]
+            else f"{r['batch']} (image, caption) pairs"
+        )
+        rows.append(
+            (
+                f"feature cache → {r['device']}, batches of {kind}, {r['workers']} workers",
+                f"{r['captions_per_s']:,.0f} captions/s",
+            )
+        )
     table = "\n".join(["| measure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
     print(table)
     machine = f"{platform.machine()} {os.cpu_count()}-CPU {platform.node()}"
     header = (
-        f"## {datetime.date.today().isoformat()} — bench_data.py{' --quick' if args.quick else ''}, "
+        f"## {datetime.date.today().isoformat()} — bench_data.py{' --quick' if args.quick else ''}"
+        f"{' --loaders-only' if args.loaders_only else ''}, "
         f"{machine}, torch {result['torch']}, device {device_name()}"
     )
     with args.results.open("a") as f:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from capattn.data.datamodule import CaptionDataModule
-from capattn.data.records import CaptionRecord
+from capattn.data.records import CaptionBatch, CaptionRecord
 from capattn.data.synthetic import ShapesReader
 from capattn.errors import ConfigError, DataError
 
@@ -69,6 +69,20 @@ def test_grouped_training_batches_hold_every_caption_of_each_image_once(shapes, 
     single = shapes(batch_size=7, max_caption_len=6).train_dataloader()
     expected = [(i, tuple(t[: n - 1].tolist())) for b in single for i, t, n in zip(b.image_ids, b.tokens, b.lengths)]
     assert len(pairs) == 100 and sorted(pairs) == sorted(expected)
+
+
+def test_the_loaders_pin_memory_pins_every_tensor_of_a_batch(shapes, monkeypatch):
+    """DataLoader(pin_memory=True), as on a GPU machine, pins a batch through ``CaptionBatch.pin_memory``:
+    a dataclass without it is passed on unpinned, and its copy to the GPU is then synchronous."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: pinned.append(self) or self.clone())
+    batch = next(iter(shapes(batch_size=4, group_captions=True).train_dataloader()))
+    out = pin_memory(batch)
+    assert isinstance(out, CaptionBatch) and len(pinned) == 4  # images, tokens, lengths, image_index
+    assert torch.equal(out.image_index, batch.image_index) and torch.equal(out.images, batch.images)
+    assert out.image_ids == batch.image_ids and out.references == batch.references
 
 
 def test_grouped_batch_size_is_checked_against_the_images(shapes):

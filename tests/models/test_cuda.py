@@ -55,21 +55,28 @@ def encoder_output(batch: int, device: str | torch.device, seed: int = 1) -> Enc
     return EncoderOutput(grid=grid, pooled=grid.mean(1))
 
 
-def loss_and_grads(decoder: CaptionDecoder, *, bf16: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def loss_and_grads(
+    decoder: CaptionDecoder, *, bf16: bool = False, grouped: bool = False
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     device = next(decoder.parameters()).device
     tokens, lengths = random_captions(B, T, vocab=V, seed=2)
     decoder.zero_grad(set_to_none=True)
+    # grouped: the B captions come 5 per image (data.group_captions), the last image fewer
+    kwargs = {"image_index": (torch.arange(B) // 5).to(device)} if grouped else {}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = decoder(encoder_output(B, device), tokens.to(device), lengths.to(device))
+        out = decoder(
+            encoder_output((B + 4) // 5 if grouped else B, device), tokens.to(device), lengths.to(device), **kwargs
+        )
         loss = F.cross_entropy(out.logits.float(), out.targets) + out.aux_loss.float()
     loss.backward()
     return loss.detach().cpu(), [p.grad.detach().float().cpu() for p in decoder.parameters()]
 
 
-def test_training_loss_and_gradients_match_the_cpu(decoders):
+@pytest.mark.parametrize("grouped", [False, True], ids=["caption_per_image", "grouped_captions"])
+def test_training_loss_and_gradients_match_the_cpu(decoders, grouped):
     cpu, gpu = decoders
-    loss_cpu, grads_cpu = loss_and_grads(cpu)
-    loss_gpu, grads_gpu = loss_and_grads(gpu)
+    loss_cpu, grads_cpu = loss_and_grads(cpu, grouped=grouped)
+    loss_gpu, grads_gpu = loss_and_grads(gpu, grouped=grouped)
     torch.testing.assert_close(loss_gpu, loss_cpu, rtol=1e-5, atol=1e-6)
     for g_gpu, g_cpu in zip(grads_gpu, grads_cpu, strict=True):
         torch.testing.assert_close(g_gpu, g_cpu, rtol=1e-4, atol=1e-6)
@@ -120,6 +127,28 @@ def test_compiled_step_is_traced_per_kind_of_call_with_the_real_compiler():
 
     traces = decode_with_compiled_step("cuda")
     assert 0 < traces <= 8, f"the compiled step was traced {traces} times"
+
+
+def test_a_pinned_batch_reaches_the_gpu_whole():
+    """The DataLoader's pin thread pins a ``CaptionBatch`` (its ``pin_memory``); ``to`` then copies it
+    asynchronously, grouped captions' ``image_index`` included."""
+    from capattn.data.records import CaptionBatch
+
+    grid = torch.randn(2, L, D)
+    batch = CaptionBatch(
+        images=None,
+        features=EncoderOutput(grid=grid, pooled=grid.mean(1)),
+        tokens=torch.ones(3, 4, dtype=torch.long),
+        lengths=torch.tensor([4, 3, 2]),
+        image_ids=["a", "b"],
+        references=[["x"], ["y"]],
+        image_index=torch.tensor([0, 0, 1]),
+    ).pin_memory()
+    assert batch.features.grid.is_pinned() and batch.tokens.is_pinned() and batch.image_index.is_pinned()
+    on_gpu = batch.to(torch.device("cuda"))
+    torch.cuda.synchronize()
+    assert on_gpu.features.grid.is_cuda and on_gpu.image_index.is_cuda
+    assert torch.equal(on_gpu.features.grid.cpu(), grid) and on_gpu.image_index.tolist() == [0, 0, 1]
 
 
 def test_bf16_in_hardware_follows_the_cards_generation():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -37,9 +38,34 @@ def image_transform(image_size: int | None, augmentations: Sequence[v2.Transform
     return v2.Compose(steps)
 
 
-# One item: image (3, H, W) or None, cached grid (L, D) and pooled (D,) fp16 or None, token ids (of one
-# caption, or a list: all of the image's, ``group_captions``), image id, references.
-Item = tuple[torch.Tensor | None, np.ndarray | None, np.ndarray | None, np.ndarray | list[np.ndarray], str, list[str]]
+# One item: image (3, H, W) or None, cached grid (L, D) and pooled (D,) fp16 or None (rows of one tensor
+# for the batch, see ``_gather``), token ids (of one caption, or a list: all of the image's,
+# ``group_captions``), image id, references.
+Item = tuple[
+    torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, np.ndarray | list[np.ndarray], str, list[str]
+]
+
+
+def _gather(array: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+    """``array[rows]`` (a memory-mapped cache) as one tensor, in one copy, read in file order.
+
+    In a DataLoader worker the tensor is allocated in shared memory, as torch's default collate
+    does: the queue to the main process then passes it without copying it again. (Gathering with
+    ``array[rows]`` and sending the result costs three copies of the batch in the worker instead of
+    one; at a GPU's batch of 256 grids, 200 MB, the copies and their page faults were what bounded
+    the loader.) Its rows go to the items as views, which ``collate`` gives back as this tensor.
+    """
+    shape = (len(rows), *array.shape[1:])
+    dtype = torch.from_numpy(array[:0]).dtype
+    if torch.utils.data.get_worker_info() is not None:
+        proto = torch.empty(0, dtype=dtype)
+        out = proto.new(proto._typed_storage()._new_shared(math.prod(shape))).resize_(shape)
+    else:
+        out = torch.empty(shape, dtype=dtype)
+    dest = out.numpy()
+    for k in np.argsort(rows, kind="stable"):  # memory maps read fastest in file order
+        dest[k] = array[rows[k]]
+    return out
 
 
 class CaptionDataset(Dataset):
@@ -118,10 +144,8 @@ class CaptionDataset(Dataset):
         tokens = self.split.tokens(caption_rows)
         images = self.split.image_rows(image_rows)
         if self.features is not None:
-            order = np.argsort(image_rows)  # memory maps read fastest in file order
-            grid = np.empty((len(indices), *self.features.grid(self.split.name).shape[1:]), np.float16)
-            grid[order] = self.features.grid(self.split.name)[image_rows[order]]
-            pooled = self.features.pooled(self.split.name)[image_rows]
+            grid = _gather(self.features.grid(self.split.name), image_rows)  # (n, L, D) fp16
+            pooled = _gather(self.features.pooled(self.split.name), image_rows)  # (n, D)
         ids = [self._cut(np.asarray(t, dtype=np.int64)) for t in tokens]
         if counts is not None:  # the captions of item k: a list
             bounds = np.concatenate([[0], np.cumsum(counts)])
@@ -185,17 +209,18 @@ def collate(items: Sequence[Item], *, pad: int) -> CaptionBatch:
     )
 
 
-def _stacked(rows: Sequence[np.ndarray]) -> torch.Tensor:
-    """``np.stack(rows)``, without copying when the rows are, in order, the rows of one batch array."""
-    base = rows[0].base
+def _stacked(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(rows)``, without copying when the rows are, in order, the rows of one batch tensor
+    (``_gather``'s, in shared memory in a worker)."""
+    base = rows[0]._base
     if (
-        isinstance(base, np.ndarray)
+        base is not None
         and base.shape[0] == len(rows)
-        and base.flags.c_contiguous
-        and all(r.base is base and r.ctypes.data == base[k].ctypes.data for k, r in enumerate(rows))
+        and base.is_contiguous()
+        and all(r._base is base and r.data_ptr() == base[k].data_ptr() for k, r in enumerate(rows))
     ):
-        return torch.from_numpy(base)
-    return torch.from_numpy(np.stack(rows))
+        return base
+    return torch.stack(rows)
 
 
 class _Collate:

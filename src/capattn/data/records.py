@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -57,13 +58,24 @@ class CaptionBatch:
         """The number of captions (training rows)."""
         return self.tokens.shape[0]
 
-    def to(self, *args, **kwargs) -> CaptionBatch:
-        """Moves the tensors (Lightning calls this to put a batch on the device)."""
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> CaptionBatch:
+        features = None if self.features is None else EncoderOutput(fn(self.features.grid), fn(self.features.pooled))
         return replace(
             self,
-            images=None if self.images is None else self.images.to(*args, **kwargs),
-            features=None if self.features is None else self.features.to(*args, **kwargs),
-            tokens=self.tokens.to(*args, **kwargs),
-            lengths=self.lengths.to(*args, **kwargs),
-            image_index=None if self.image_index is None else self.image_index.to(*args, **kwargs),
+            images=None if self.images is None else fn(self.images),
+            features=features,
+            tokens=fn(self.tokens),
+            lengths=fn(self.lengths),
+            image_index=None if self.image_index is None else fn(self.image_index),
         )
+
+    def to(self, *args, **kwargs) -> CaptionBatch:
+        """Moves the tensors (Lightning calls this to put a batch on the device). A pinned tensor is
+        copied asynchronously unless ``non_blocking`` says otherwise (Lightning passes none)."""
+        return self._map(lambda t: t.to(*args, **{"non_blocking": t.is_pinned(), **kwargs}))
+
+    def pin_memory(self) -> CaptionBatch:
+        """The batch in page-locked memory (the DataLoader's ``pin_memory=True`` calls this, in its own
+        thread): without it the loader passed the batch on unpinned, and the copy to the GPU then ran
+        synchronously in the training loop."""
+        return self._map(lambda t: t.pin_memory())
