@@ -238,7 +238,8 @@ def phase_loaders(work: Path, batches: int) -> dict:
 
 def cache_at_gpu_batch(common: dict, work: Path, encoder, *, quick: bool) -> list[dict]:
     """Captions/s the feature-cache loader delivers at a GPU's batch (256 captions), to the device
-    (pinned, copied, made float32 as ``on_after_batch_transfer`` does), by worker count: one
+    (pinned, copied, made float32 as ``on_after_batch_transfer`` does), by number of worker processes
+    and of loader threads (``data.loader_threads``): one
     (image, caption) pair per item against whole images with all their captions
     (``data.group_captions``, 52 images ≈ 256 captions), which reads each grid once per image."""
     import torch
@@ -247,12 +248,23 @@ def cache_at_gpu_batch(common: dict, work: Path, encoder, *, quick: bool) -> lis
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cpus = len(os.sched_getaffinity(0))
-    workers = [0] if quick else sorted({1, min(4, cpus), min(8, cpus)})
+    counts = sorted({1, min(4, cpus), min(8, cpus)})
+    loaders = (
+        [("workers", 0), ("threads", 2)]
+        if quick
+        else [("workers", n) for n in counts]
+        + [("threads", n) for n in sorted({min(2, cpus), min(4, cpus), min(8, cpus)})]
+    )
     batch = 8 if quick else 256
     out = []
-    for n_workers in workers:
+    for kind, n in loaders:
         for grouped in (False, True):
-            settings = {**common, "batch_size": max(1, batch // 5) if grouped else batch, "num_workers": n_workers}
+            settings = {
+                **common,
+                "batch_size": max(1, batch // 5) if grouped else batch,
+                "num_workers": n if kind == "workers" else 0,
+                "loader_threads": n if kind == "threads" else 0,
+            }
             dm = CaptionDataModule(
                 **settings, features="cache", features_dir=str(work / "features"), group_captions=grouped
             )
@@ -270,7 +282,7 @@ def cache_at_gpu_batch(common: dict, work: Path, encoder, *, quick: bool) -> lis
                 torch.cuda.synchronize()
             out.append(
                 {
-                    "workers": n_workers,
+                    "loader": f"{n} {kind}",
                     "grouped": grouped,
                     "batch": settings["batch_size"],
                     "captions_per_s": captions / (time.perf_counter() - start),
@@ -386,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         rows.append(
             (
-                f"feature cache → {r['device']}, batches of {kind}, {r['workers']} workers",
+                f"feature cache → {r['device']}, batches of {kind}, {r['loader']}",
                 f"{r['captions_per_s']:,.0f} captions/s",
             )
         )

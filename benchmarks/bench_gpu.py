@@ -127,18 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     timed = {**{p: train(p) for p in peaks}, **{f"st {p}": train(p, show_tell) for p in peaks}}
     t = {name: median(xs) for name, xs in interleaved(timed, repeats, device).items()}
     t_st = {p: t.pop(f"st {p}") for p in peaks}
-    rows = []
-    for precision, seconds in t.items():
-        tflops = flops / seconds / 1e12
-        rows.append(
-            [
-                precision,
-                f"{1000 * seconds:.1f}",
-                f"{batch / seconds:,.0f}",
-                f"{tflops:.1f} ({100 * tflops * 1e3 / peaks[precision]:.0f}% of {peaks[precision] / 1e3:.0f})",
-                f"{COCO_TRAIN_CAPTIONS / batch * seconds:.0f} s",
-            ]
-        )
+
+    def step_row(precision: str, seconds: float, step_flops: float) -> list[str]:
+        tflops = step_flops / seconds / 1e12
+        return [
+            precision,
+            f"{1000 * seconds:.1f}",
+            f"{batch / seconds:,.0f}",
+            f"{tflops:.1f} ({100 * tflops * 1e3 / peaks[precision]:.0f}% of {peaks[precision] / 1e3:.0f})",
+            f"{COCO_TRAIN_CAPTIONS / batch * seconds:.0f} s",
+        ]
+
+    rows = [step_row(precision, seconds, flops) for precision, seconds in t.items()]
     for (precision, seconds), row in zip(t.items(), rows, strict=True):
         launches, busy = device_work(train(precision), device)
         row += [f"{launches:,.0f}", f"{1000 * busy:.1f} ({100 * busy / seconds:.0f}%)"]
@@ -156,19 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(table1)
     st_flops = show_tell_train_flops(lengths.cpu(), d, **sizes)
-    rows_st = []
-    for precision, seconds in t_st.items():
-        tflops = st_flops / seconds / 1e12
-        rows_st.append(
-            [
-                precision,
-                f"{1000 * seconds:.1f}",
-                f"{batch / seconds:,.0f}",
-                f"{tflops:.1f} ({100 * tflops * 1e3 / peaks[precision]:.0f}% of {peaks[precision] / 1e3:.0f})",
-                f"{COCO_TRAIN_CAPTIONS / batch * seconds:.0f} s",
-                f"{seconds / t[precision]:.2f}×",
-            ]
-        )
+    rows_st = [step_row(p, seconds, st_flops) + [f"{seconds / t[p]:.2f}×"] for p, seconds in t_st.items()]
     table_st = markdown_table(
         [
             "precision",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from capattn.data.datamodule import CaptionDataModule
+from capattn.data.datamodule import CaptionDataModule, ThreadedDataLoader
 from capattn.data.records import CaptionBatch, CaptionRecord
 from capattn.data.synthetic import ShapesReader
 from capattn.errors import ConfigError, DataError
@@ -83,6 +83,47 @@ def test_the_loaders_pin_memory_pins_every_tensor_of_a_batch(shapes, monkeypatch
     assert isinstance(out, CaptionBatch) and len(pinned) == 4  # images, tokens, lengths, image_index
     assert torch.equal(out.image_index, batch.image_index) and torch.equal(out.images, batch.images)
     assert out.image_ids == batch.image_ids and out.references == batch.references
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["pairs", "grouped"])
+def test_loader_threads_give_the_batches_of_worker_processes(shapes, grouped):
+    """``data.loader_threads``: the same batches, in the same order, for the same seed, as worker
+    processes (training, shuffled) and as no workers (evaluation)."""
+    batches = {}
+    for kind, kwargs in {"threads": {"loader_threads": 3}, "processes": {"num_workers": 2}}.items():
+        dm = shapes(batch_size=4, group_captions=grouped, **kwargs)
+        torch.manual_seed(0)
+        batches[kind] = list(dm.train_dataloader()), list(dm.val_dataloader())
+    assert isinstance(shapes(loader_threads=3).train_dataloader(), ThreadedDataLoader)
+    for (train_a, val_a), (train_b, val_b) in [(batches["threads"], batches["processes"])]:
+        assert len(train_a) == len(train_b) > 1 and len(val_a) == len(val_b)
+        for a, b in zip(train_a + val_a, train_b + val_b, strict=True):
+            assert a.image_ids == b.image_ids and torch.equal(a.tokens, b.tokens) and torch.equal(a.images, b.images)
+        assert all((a.image_index is not None) == grouped for a in train_a)
+
+
+def test_loader_threads_survive_lightnings_ddp_sampler_injection(shapes):
+    """Under DDP Lightning rebuilds each loader with a DistributedSampler inside its batch sampler:
+    the rebuilt loader is still threaded and yields its rank's share."""
+    from lightning.fabric.utilities.data import _replace_dunder_methods
+    from lightning.pytorch.trainer.states import RunningStage
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+
+    dm = shapes(batch_size=4, loader_threads=2)
+    with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
+        loader = dm.train_dataloader()  # as Lightning calls the hook: recording the loader's arguments
+    sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=1, shuffle=False)
+    rebuilt = _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
+    assert isinstance(rebuilt, ThreadedDataLoader) and rebuilt.threads == 2
+    assert sum(len(b) for b in rebuilt) == 50  # half of the 100 (image, caption) pairs
+
+
+def test_loader_threads_and_worker_processes_exclude_each_other():
+    with pytest.raises(ConfigError, match="set one of them to 0"):
+        CaptionDataModule(reader=ShapesReader(num_train=4), num_workers=2, loader_threads=2)
+    with pytest.raises(ValueError, match="num_workers must be 0"):
+        ThreadedDataLoader([1, 2], num_workers=1)
 
 
 def test_grouped_batch_size_is_checked_against_the_images(shapes):

@@ -142,6 +142,27 @@ def test_workers_map_the_cache_instead_of_copying_it(tmp_path):
     assert torch.equal(a.features.grid, b.features.grid) and torch.equal(a.tokens, b.tokens)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_grouped_batches_carry_each_images_cached_grid_once(tmp_path, workers):
+    """``group_captions`` on the cache: one grid per image, the cache's own rows, its captions pointing
+    at it; from workers the batch arrives in shared memory, gathered in one copy."""
+    enc = encoder()
+    dm = datamodule(tmp_path, features="cache", group_captions=True, num_workers=workers)
+    dm.prepare_features(enc)
+    cache = dm.use_feature_cache(enc)
+    train = dm.dataset("train")
+    row_of = {train.split.image_rows([i])["image_id"][0]: i for i in range(len(train))}
+    batches = list(dm.train_dataloader())
+    assert sum(len(b.image_ids) for b in batches) == len(train)
+    for batch in batches:
+        rows = [row_of[i] for i in batch.image_ids]
+        assert batch.features.grid.shape[0] == len(batch.image_ids) and batch.features.grid.dtype == torch.float16
+        assert torch.equal(batch.features.grid, torch.from_numpy(cache.grid("train")[rows]))
+        assert torch.equal(batch.features.pooled, torch.from_numpy(cache.pooled("train")[rows]))
+        assert batch.image_index.max() < len(batch.image_ids) and len(batch) == len(batch.image_index)
+        assert batch.features.grid.is_shared() == (workers > 0)
+
+
 def test_training_on_cached_features_never_runs_the_encoder(tmp_path):
     L.seed_everything(0)
     enc = encoder()
