@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import lightning as L
 import numpy as np
@@ -184,3 +185,30 @@ def test_training_on_cached_features_never_runs_the_encoder(tmp_path):
     calls.clear()
     trainer.validate(model, datamodule=dm, verbose=False)
     assert calls == [] and np.isfinite(trainer.callback_metrics["val/loss"].item())
+
+
+def test_training_with_loader_threads_on_the_cache(tmp_path, recwarn, monkeypatch):
+    """``data.loader_threads`` with grouped captions through a Lightning fit: it trains, and
+    Lightning's tip to add worker processes is not shown for a threaded loader."""
+    from lightning.pytorch.trainer.connectors import data_connector
+
+    monkeypatch.setattr(data_connector, "suggested_max_num_workers", lambda devices: 8)  # a machine with cores
+    monkeypatch.setattr(warnings, "filters", list(warnings.filters))  # the filter added below stays in this test
+    data_connector._worker_check(L.Trainer(logger=False), torch.utils.data.DataLoader([1]), "train_dataloader")
+    assert [w for w in recwarn if "does not have many workers" in str(w.message)]  # shown for processes
+    recwarn.clear()
+    L.seed_everything(0)
+    enc = encoder()
+    dm = datamodule(tmp_path, features="cache", loader_threads=2, group_captions=True)
+    model = CaptioningModule(
+        encoder=enc,
+        decoder=ShowAttendTellDecoder(vocab_size=dm.vocab_size, feature_dim=32, embed_dim=16, hidden_dim=16),
+        val_scorers=("bleu",),
+        tokenizer="simple",
+    )
+    trainer = L.Trainer(
+        fast_dev_run=2, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path
+    )
+    trainer.fit(model, datamodule=dm)
+    assert np.isfinite(trainer.callback_metrics["train/loss"].item())
+    assert not [w for w in recwarn if "does not have many workers" in str(w.message)]

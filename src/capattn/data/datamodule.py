@@ -6,6 +6,7 @@ import collections
 import dataclasses
 import itertools
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -395,6 +396,8 @@ class CaptionDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.loader_threads = loader_threads
+        if loader_threads:  # Lightning counts worker processes only: its "not many workers" tip would mislead
+            warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
         self.image_size = image_size
         self.max_caption_len = max_caption_len
         self.predict_split = predict_split
