@@ -339,9 +339,9 @@ class CaptionDataModule(L.LightningDataModule):
             then counts images: a batch of 10 COCO or Flickr8k images holds about 50 captions).
             Each image is then read, encoded and its attention keys projected once for all of its
             captions instead of once per caption, and every caption is still trained on once per
-            epoch; a batch holds fewer different images (as neuraltalk2's and
-            self-critical.pytorch's ``seq_per_img`` batches). Off by default: one (image, caption)
-            pair per item, as in the papers.
+            epoch; a batch holds fewer different images, and an image's augmentations are shared
+            by its captions (as neuraltalk2's and self-critical.pytorch's ``seq_per_img``
+            batches). Off by default: one (image, caption) pair per item, as in the papers.
         augmentations: torchvision v2 transforms for training images only, after resizing
             (``class_path``/``init_args`` each); none by default.
     """
