@@ -241,7 +241,7 @@ def cache_at_gpu_batch(common: dict, work: Path, encoder, *, quick: bool) -> lis
     (pinned, copied, made float32 as ``on_after_batch_transfer`` does), by number of worker processes
     and of loader threads (``data.loader_threads``): one
     (image, caption) pair per item against whole images with all their captions
-    (``data.group_captions``, 52 images ≈ 256 captions), which reads each grid once per image."""
+    (``data.group_captions``, 51 images ≈ 256 captions), which reads each grid once per image."""
     import torch
 
     from capattn.data.datamodule import CaptionDataModule

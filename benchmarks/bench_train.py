@@ -86,6 +86,11 @@ def grouped_rows(batch: int, device: torch.device) -> torch.Tensor:
     return torch.arange(batch, device=device) // CAPTIONS_PER_IMAGE
 
 
+def grouped_images(batch: int) -> int:
+    """How many images the grouped row's B captions come from."""
+    return -(-batch // CAPTIONS_PER_IMAGE)
+
+
 def capattn_adam(model, precision: str = "32-true"):
     """Adam as ``CaptioningModule.configure_optimizers`` builds it: torch's fused kernel on a CPU."""
     return with_fused_cpu_kernel(torch.optim.Adam(model.parameters()), precision=precision)
@@ -102,7 +107,7 @@ def step_fns(
     sat = ShowAttendTellDecoder(feature_dim=d, attention_dim=s["attention_dim"], **common).to(device)
     st = ShowTellDecoder(feature_dim=d, **common).to(device)
     image_index = grouped_rows(batch, device)
-    grouped = features(int(image_index[-1]) + 1, d, seed=1, device=device)  # the grouped row's images
+    grouped = features(grouped_images(batch), d, seed=1, device=device)  # the grouped row's images
     # Same parameters, same loss: check it (dropout off) before timing anything.
     sat.eval()
     with torch.no_grad():
@@ -118,16 +123,18 @@ def step_fns(
         loss = lambda: tutorial_loss(sat, enc.grid, tokens, lengths)  # noqa: E731
         return train_step(torch.optim.Adam(sat.parameters()), loss, bf16_on)
 
-    def ours(decoder, bf16_on=None, grouped_images=None):  # Adam as configure_optimizers builds it at that precision
+    def ours(decoder, bf16_on=None, grouped_batch=False):  # Adam as configure_optimizers builds it at that precision
         adam = capattn_adam(decoder, "bf16-mixed" if bf16_on else "32-true")
-        if grouped_images is not None:
-            return train_step(adam, capattn_loss(decoder, grouped_images, tokens, lengths, image_index), bf16_on)
-        return train_step(adam, capattn_loss(decoder, enc, tokens, lengths), bf16_on)
+        if grouped_batch:  # the same captions, 5 per image
+            loss = capattn_loss(decoder, grouped, tokens, lengths, image_index)
+        else:
+            loss = capattn_loss(decoder, enc, tokens, lengths)
+        return train_step(adam, loss, bf16_on)
 
     fns = {
         "tutorial": tutorial(),
         "capattn": ours(sat),
-        "capattn_grouped": ours(sat, grouped_images=grouped),
+        "capattn_grouped": ours(sat, grouped_batch=True),
         "capattn_torch": without_attention_kernels(ours(sat)),
         "show_tell": ours(st),
     }
@@ -197,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     t_all = {d: {name: median(xs) for name, xs in raw[d].items()} for d in dims}
     mems = peak_memory(argv, device, dims, build)
     rows = []
-    images = int(grouped_rows(batch, device)[-1]) + 1  # of the grouped row
+    images = grouped_images(batch)
     for d in dims:
         t, mem = t_all[d], mems[d]
         flops = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import time
@@ -26,6 +27,14 @@ from capattn.models.native import bf16_in_hardware
 from capattn.vocab import Vocabulary
 
 _VOCAB_KEY = VOCAB_KEY
+
+
+@functools.cache
+def _takes_image_index(decoder_cls: type[CaptionDecoder]) -> bool:
+    """Whether a decoder class's ``forward`` takes ``image_index`` (a decoder of one's own may not)."""
+    return "image_index" in inspect.signature(decoder_cls.forward).parameters
+
+
 _TIME_KEY = "capattn_train_time_s"
 _log = logging.getLogger("capattn.module")
 
@@ -225,7 +234,7 @@ class CaptioningModule(L.LightningModule):
         a row of ``enc`` per caption."""
         if batch.image_index is None:
             return self.decoder(enc, batch.tokens, batch.lengths)
-        if "image_index" in inspect.signature(self.decoder.forward).parameters:
+        if _takes_image_index(type(self.decoder)):
             return self.decoder(enc, batch.tokens, batch.lengths, image_index=batch.image_index)
         rows = batch.image_index
         enc = EncoderOutput(grid=enc.grid.index_select(0, rows), pooled=enc.pooled.index_select(0, rows))

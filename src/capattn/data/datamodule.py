@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data._utils.fetch import _MapDatasetFetcher
 from torch.utils.data._utils.pin_memory import pin_memory as pin_batch
 from torchvision.transforms import v2
 
@@ -257,11 +258,8 @@ class ThreadedDataLoader(DataLoader):
             raise ValueError(f"ThreadedDataLoader needs at least one thread, got threads={threads}")
         self.threads = threads
 
-    def _fetch(self, indices: list[int]) -> Any:
-        items = self.dataset.__getitems__(indices) if hasattr(self.dataset, "__getitems__") else None
-        if items is None:
-            items = [self.dataset[i] for i in indices]
-        batch = self.collate_fn(items)
+    def _fetch(self, fetcher: _MapDatasetFetcher, indices: list[int]) -> Any:
+        batch = fetcher.fetch(indices)  # the dataset's __getitems__ and collate, as a worker runs them
         return pin_batch(batch) if self.pin_memory else batch
 
     def __iter__(self) -> Iterator[Any]:
@@ -272,18 +270,19 @@ class ThreadedDataLoader(DataLoader):
     def _threaded(self) -> Iterator[Any]:
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="capattn-loader")
         pending: collections.deque[Future] = collections.deque()
+        fetcher = _MapDatasetFetcher(self.dataset, True, self.collate_fn, self.drop_last)
         batches = iter(self.batch_sampler)
         # DataLoader's iterators draw a base seed for their workers first: drawing it too keeps the
         # random batches of a seed the same as with worker processes or none.
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)
         try:
             for indices in itertools.islice(batches, 2 * self.threads):  # two batches ahead per thread
-                pending.append(pool.submit(self._fetch, indices))
+                pending.append(pool.submit(self._fetch, fetcher, indices))
             while pending:
                 batch = pending.popleft().result()
                 indices = next(batches, None)
                 if indices is not None:
-                    pending.append(pool.submit(self._fetch, indices))
+                    pending.append(pool.submit(self._fetch, fetcher, indices))
                 yield batch
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

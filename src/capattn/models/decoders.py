@@ -743,21 +743,20 @@ class ShowAttendTellDecoder(CaptionDecoder):
         to_mask_order = packed_at[mask]  # (N,)
 
         training = torch.is_grad_enabled()  # the hand-written loop; without autograd, ``_plain_loop``
-        if image_index is not None:  # several captions per image: keys projected once per image
-            image_of_row = image_index.index_select(0, order)  # (B,) the image of each sorted row
-            if training:  # the grid as given, even under autocast (``prepare`` casts it for decoding's words)
-                per_image = AttentionMemory(grid=enc.grid, keys=self.attention.project_keys(enc.grid))
-            else:
-                per_image = self.prepare(enc)
-            grid = per_image.grid.index_select(0, image_of_row)  # (B, L, D), a row per caption, sorted
-            mem = AttentionMemory(grid=grid, keys=per_image.keys.index_select(0, image_of_row))
+        if training:  # the grid as given, even under autocast (``prepare`` casts it for decoding's words)
+            mem = AttentionMemory(grid=enc.grid, keys=self.attention.project_keys(enc.grid))  # once per image
         else:
-            identity = bool((order == torch.arange(batch, device=order.device)).all())
-            grid = enc.grid if identity else enc.grid.index_select(0, order)  # (B, L, D) sorted
-            if training:
-                mem = AttentionMemory(grid=grid, keys=self.attention.project_keys(grid))
-            else:
-                mem = self.prepare(EncoderOutput(grid=grid, pooled=enc.pooled))
+            mem = self.prepare(enc)
+        if image_index is not None:  # several captions per image: a row of grid and keys per caption
+            image_of_row = image_index.index_select(0, order)  # (B,) the image of each sorted row
+        elif bool((order == torch.arange(batch, device=order.device)).all()):
+            image_of_row = None  # already longest first (the training sampler's batches): nothing to copy
+        else:
+            image_of_row = order
+        if image_of_row is not None:  # (B, L, ·) sorted
+            mem = AttentionMemory(
+                grid=mem.grid.index_select(0, image_of_row), keys=mem.keys.index_select(0, image_of_row)
+            )
         h, c = self.init_state(mem)  # (B, H) each
 
         emb = self.embed(captions[rows, t_idx])  # (N, E) E y_{t−1} of every real position, time-major
