@@ -405,6 +405,32 @@ def test_decoding_step_computes_the_output_layer_of_the_autograd_step(decoder):
     torch.testing.assert_close(shift, torch.full_like(shift, 3.0))
 
 
+@pytest.mark.parametrize("name", ["show_attend_tell", "show_attend_tell_plain"])
+def test_decoding_steps_look_up_the_word_part_of_the_gates_as_the_autograd_step_computes_it(name):
+    """Without autograd each word's E y W_eᵀ is computed once per search and looked up after that
+    (``_WordGates``): steps that feed new words, repeated words and both agree with the autograd
+    step; a weight changed where torch counts no version (fused Adam) is seen by the next search."""
+    torch.manual_seed(0)
+    decoder = DECODERS[name]().eval()
+    enc = encoder_output()
+    words = [torch.tensor([4, 5, 6]), torch.tensor([5, 5, 7]), torch.tensor([7, 4, 8])]
+
+    def search(grad: bool) -> list[torch.Tensor]:
+        with torch.set_grad_enabled(grad):
+            mem = decoder.prepare(enc)
+            state, out = decoder.init_state(mem), []
+            for tokens in words:
+                step = decoder.step(tokens, state, mem)
+                state = step.state
+                out.append(step.logprobs.detach())
+            return out
+
+    torch.testing.assert_close(search(False), search(True))
+    with torch.no_grad():
+        decoder.embed.weight.data[5] += 1.0  # .data: no version bump, as torch's fused Adam
+    torch.testing.assert_close(search(False), search(True))
+
+
 def test_under_autocast_the_grid_is_cast_once_as_bf16_features_would_be():
     """Under bf16 autocast, decoding and a loss without autograd cast fp32 features once per batch
     (each word's bmm(α, grid) would otherwise cast the whole grid again): the logits are exactly

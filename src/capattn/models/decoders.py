@@ -119,6 +119,40 @@ class _FoldedLinear:
         return torch.cat([x, ones], dim=-1) @ self._weight.t()
 
 
+class _WordGates:
+    """The word part of the LSTM's gates, E y W_eᵀ, for decoding on a CPU: a row per word of the
+    vocabulary, each computed the first time a search feeds that word and looked up after that.
+
+    A step of beam search over 100 images × 5 beams otherwise multiplies 500 embeddings by W_e
+    (512 × 2048 at the paper's sizes, a 14th of the step's arithmetic) at every word, though the
+    captions of a search use far fewer words than that: each row is one matmul row, once per search.
+    A step's new words are computed together, so a row may differ from the per-step matmul's in
+    rounding (about 1e-7). ``clear`` at the start of every search, like ``_FoldedLinear``.
+    """
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._rows: Tensor | None = None  # (V, 4H); only the rows marked in ``_known`` are filled
+        self._known: Tensor | None = None  # (V,) bool
+
+    def add_to(self, gates: Tensor, embedding: Tensor, w_e: Tensor, tokens: Tensor) -> None:
+        """``gates += embedding[tokens] @ w_eᵀ``, the rows looked up: gates (n, 4H), w_e (4H, E)."""
+        key = _versions((embedding, w_e))
+        if self._rows is None or self._key != key:
+            self._key = key
+            self._rows = w_e.new_empty(embedding.shape[0], w_e.shape[0])
+            self._known = torch.zeros(embedding.shape[0], dtype=torch.bool)
+        new = tokens[~self._known[tokens]]
+        if new.numel():
+            new = new.unique()
+            self._rows[new] = embedding[new] @ w_e.t()
+            self._known[new] = True
+        gates.add_(self._rows.index_select(0, tokens))
+
+
 def _step_log_softmax(logits: Tensor) -> Tensor:
     """log-softmax over V of a step's fresh logits; in place without autograd on a CPU.
 
@@ -564,6 +598,7 @@ class ShowAttendTellDecoder(CaptionDecoder):
         self._compiled_step: Callable[..., StepOutput] | None = None
         self._stacked: tuple[Any, Tensor, Tensor] | None = None  # see _recurrent_weights
         self._L_o_folded = _FoldedLinear()
+        self._word_gates = _WordGates()
         self.alpha_c = alpha_c
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.attention = SoftAttention(feature_dim=feature_dim, hidden_dim=hidden_dim, attention_dim=attention_dim)
@@ -583,6 +618,7 @@ class ShowAttendTellDecoder(CaptionDecoder):
     def prepare(self, enc: EncoderOutput) -> AttentionMemory:
         self._stacked = None  # a new search: weights may have changed since the last (see _recurrent_weights)
         self._L_o_folded.clear()
+        self._word_gates.clear()
         grid = enc.grid
         if torch.is_autocast_enabled(grid.device.type) and grid.dtype == torch.float32:
             # Cast once, not at every word: under autocast each step's bmm(α, grid) would cast the
@@ -700,7 +736,8 @@ class ShowAttendTellDecoder(CaptionDecoder):
             gates = torch.addmm(gates, context, w_ih[:, self.embed_dim :].t())
             h, c = self._lstm(gates, c)
         else:  # decoding: the same arithmetic, in place in the fused matmul's output (fewer passes per word)
-            gates_h.addmm_(emb, w_ih[:, : self.embed_dim].t()).addmm_(context, w_ih[:, self.embed_dim :].t())
+            self._word_gates.add_to(gates_h, self.embed.weight, w_ih[:, : self.embed_dim], tokens)
+            gates_h.addmm_(context, w_ih[:, self.embed_dim :].t())
             h, c = _lstm_inplace(gates_h, c)
         logits = self._output(emb, h, context)  # (B*K, V)
         return StepOutput(logprobs=_step_log_softmax(logits), state=(h, c), alpha=alpha)
