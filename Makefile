@@ -46,11 +46,12 @@ test: install  ## run the fast test suite
 test-full: install  ## run every test, the slow end-to-end ones too
 	$(BIN)/pytest -q -m ''
 
-gpu-check: install  ## on a CUDA machine: GPU-vs-CPU tests, bench_gpu.py, the GPU's data loading, the demo in bf16-mixed
+gpu-check: install  ## on a CUDA machine: GPU-vs-CPU tests, bench_gpu.py, the GPU's data loading, a measured COCO epoch, the demo in bf16-mixed
 	@$(BIN)/python -c "import capattn, torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check: no CUDA GPU visible to torch here')"
 	$(BIN)/pytest -q tests/models/test_cuda.py
 	$(BIN)/python benchmarks/bench_gpu.py
 	$(BIN)/python benchmarks/bench_data.py --loaders-only --jpegs 600
+	$(BIN)/python benchmarks/bench_epoch.py --precision bf16-mixed
 	$(CAPATTN) fit --config experiments/demo_show_attend_tell.yaml --trainer.accelerator=gpu \
 		--trainer.precision=bf16-mixed --float32_matmul_precision=high --model.decoder.init_args.compile_step=true \
 		--run_name=gpu-bf16

@@ -50,8 +50,9 @@ def rss_gb() -> float:
 # --- inputs ------------------------------------------------------------------------------------
 
 
-def generate_karpathy(path: Path, images: int, seed: int = 0) -> None:
-    """A ``dataset_coco.json`` in Karpathy's schema: 113,287/5,000/5,000 proportions, 5 captions each."""
+def generate_karpathy(path: Path, images: int, seed: int = 0, lengths: tuple[int, int] = (8, 20)) -> None:
+    """A ``dataset_coco.json`` in Karpathy's schema: 113,287/5,000/5,000 proportions, 5 captions each,
+    of "A" and ``lengths[0]`` to ``lengths[1] − 1`` more words (Zipf-distributed over 12,000)."""
     rng = np.random.default_rng(seed)
     words = [f"w{i}" for i in range(12_000)]
     zipf = 1.0 / np.arange(1, len(words) + 1)
@@ -71,10 +72,10 @@ def generate_karpathy(path: Path, images: int, seed: int = 0) -> None:
                 else "train"
             )
             folder = "val2014" if split != "train" else "train2014"
-            lengths = rng.integers(8, 20, size=5)
-            picks = rng.choice(len(words), size=int(lengths.sum()), p=zipf)
+            counts = rng.integers(*lengths, size=5)
+            picks = rng.choice(len(words), size=int(counts.sum()), p=zipf)
             sentences, start = [], 0
-            for j, n in enumerate(lengths):
+            for j, n in enumerate(counts):
                 raw = "A " + " ".join(words[k] for k in picks[start : start + n]) + "."
                 start += n
                 sentences.append({"tokens": raw.lower().split(), "raw": raw, "imgid": i, "sentid": 5 * i + j})
