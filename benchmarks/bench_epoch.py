@@ -139,7 +139,7 @@ def timed_fit(
     trainer.fit(model, datamodule=dm)
     if timer.start is None or timer.captions == 0:
         raise RuntimeError(f"the epoch had fewer than {warmup + 1} batches: generate more images (--images)")
-    return {"captions_per_s": timer.captions / (timer.stop - timer.start), "vocab": dm.vocab_size}
+    return {"captions_per_s": timer.captions / (timer.stop - timer.start)}
 
 
 def step_alone(decoder_args: dict, vocab: int, batch: int, *, device: torch.device, repeats: int) -> float:
@@ -218,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         cache_s = time.perf_counter() - start
         sentences = [len(c["tokens"]) for e in json.loads(split_json.read_text())["images"] for c in e["sentences"]]
         mean_words = sum(sentences) / len(sentences)
-        rows, vocab = [], 0
+        vocab = dm.vocab_size
+        # The step alone, before the loaders and after them: a shared machine's speed drifts.
+        alone, rows = [step_alone(decoder_args, vocab, batch, device=device, repeats=batches)], []
         for name, workers, threads, grouped in settings:
             dm_args = {
                 **common,
@@ -236,7 +238,6 @@ def main(argv: list[str] | None = None) -> int:
                 batches=batches,
                 out=work / "run",
             )
-            vocab = r["vocab"]
             rate = r["captions_per_s"]
             rows.append(
                 [
@@ -248,8 +249,10 @@ def main(argv: list[str] | None = None) -> int:
                 ]
             )
             print(rows[-1], flush=True)
-    rate = step_alone(decoder_args, vocab, batch, device=device, repeats=batches)
-    rows.append(["none: the step alone", "a batch on the device", f"{batch} captions", f"{rate:,.0f}",
+    alone.append(step_alone(decoder_args, vocab, batch, device=device, repeats=batches))
+    rate = sum(alone) / 2
+    both = f"{alone[0]:,.0f} before, {alone[1]:,.0f} after"
+    rows.append(["none: the step alone", "a batch on the device", f"{batch} captions", both,
                  f"{COCO_TRAIN_CAPTIONS / rate / 60:.1f} min"])  # fmt: skip
     print(rows[-1], flush=True)
     table = markdown_table(["loader", "items", "batch", "captions/s", "projected COCO epoch"], rows)
@@ -264,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{batches} batches after {warmup} (the loader, the copy to the device, the step and Lightning's loop "
         f"together); projected epoch: {COCO_TRAIN_CAPTIONS:,} captions at that rate. {cpus} CPUs. Last row: "
         f"the same step on one batch already on the device ({batches} repeats, bench_train.py's COCO-like "
-        f"captions), without the loader and Lightning's loop.\n\n{table}\n"
+        f"captions), without the loader and Lightning's loop, timed before the loaders and after them; the "
+        f"epoch at their mean.\n\n{table}\n"
     )
     append_results(args.results, title, body)
     return 0
