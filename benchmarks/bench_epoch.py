@@ -49,7 +49,7 @@ from bench_train import capattn_adam, capattn_loss, train_step  # noqa: E402
 
 from capattn.data.datamodule import CaptionDataModule  # noqa: E402
 from capattn.data.readers import KarpathyReader  # noqa: E402
-from capattn.models.decoders import ShowAttendTellDecoder  # noqa: E402
+from capattn.models.decoders import ShowAttendTellDecoder, ShowTellDecoder  # noqa: E402
 from capattn.models.encoder import EncoderOutput  # noqa: E402
 from capattn.module import CaptioningModule  # noqa: E402
 
@@ -89,6 +89,17 @@ def generate_images(split_json: Path, image_dir: Path, size: int = 32) -> None:
         Image.new("RGB", (size, size), (i % 251, (7 * i) % 253, (13 * i) % 255)).save(path, quality=90)
 
 
+DECODERS = {"show_attend_tell": "Show, Attend and Tell", "show_tell": "Show and Tell"}
+
+
+def build_decoder(vocab: int, decoder_args: dict) -> ShowAttendTellDecoder | ShowTellDecoder:
+    args = dict(decoder_args)
+    if args.pop("kind") == "show_tell":  # the pooled vector only: its batches read no grid from the cache
+        args.pop("attention_dim")
+        return ShowTellDecoder(vocab_size=vocab, **args)
+    return ShowAttendTellDecoder(vocab_size=vocab, **args)
+
+
 def timed_fit(
     dm_args: dict, decoder_args: dict, *, device: str, precision: str, warmup: int, batches: int, out: Path
 ) -> dict:
@@ -118,7 +129,7 @@ def timed_fit(
     L.seed_everything(0, verbose=False)
     dm = CaptionDataModule(**dm_args)
     encoder = StandInEncoder(decoder_args["feature_dim"])
-    decoder = ShowAttendTellDecoder(vocab_size=dm.vocab_size, **decoder_args)
+    decoder = build_decoder(dm.vocab_size, decoder_args)
     model = CaptioningModule(encoder=encoder, decoder=decoder, tokenizer="simple", output_dir=str(out))
     timer = Timer()
     trainer = L.Trainer(
@@ -146,7 +157,7 @@ def step_alone(decoder_args: dict, vocab: int, batch: int, *, device: torch.devi
     """Captions/s of the same decoder's training step on a batch already on the device (bench_train.py's
     step: forward, backward, Adam): what the loader and Lightning's loop add is the rest."""
     torch.manual_seed(0)
-    decoder = ShowAttendTellDecoder(vocab_size=vocab, **decoder_args).to(device)
+    decoder = build_decoder(vocab, decoder_args).to(device)
     enc = features(batch, decoder_args["feature_dim"], device=device)
     tokens, lengths = caption_batch(batch, vocab, device=device, longest_first=True)
     step = train_step(capattn_adam(decoder), capattn_loss(decoder, enc, tokens, lengths))
@@ -166,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=None, help="images generated (default: 2,000; 6,000 on a GPU)")
     parser.add_argument("--batch-size", type=int, default=None, help="captions a batch (default: 32; 256 on a GPU)")
     parser.add_argument("--batches", type=int, default=None, help="timed batches a setting (12; GPU: 100)")
+    parser.add_argument("--decoder", choices=sorted(DECODERS), default="show_attend_tell")
     parser.add_argument("--precision", default="32-true", help="Lightning's trainer.precision (e.g. bf16-mixed)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
     parser.add_argument("--results", type=Path, default=RESULTS, help="Markdown file the results are appended to")
@@ -197,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             (f"{min(4, cpus)} threads", 0, min(4, cpus), True),
         ]
         settings = list(dict.fromkeys(settings))  # a 2-core machine: 2 workers twice
-    decoder_args = dict(feature_dim=d, dropout=0.5, **sizes)
+    decoder_args = dict(kind=args.decoder, feature_dim=d, dropout=0.5, **sizes)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
@@ -258,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(["loader", "items", "batch", "captions/s", "projected COCO epoch"], rows)
     print(table)
     title = results_title("bench_epoch.py", args.quick, device)
+    read = " (its batches read the pooled vector only)" if args.decoder == "show_tell" else ""
     body = (
-        f"{note}. Show, Attend and Tell, grid 196×{d}, V={vocab:,} (the generated captions' words), "
+        f"{note}. {DECODERS[args.decoder]}, grid 196×{d}{read}, V={vocab:,} (the generated captions' words), "
         f"{sizes['embed_dim']} dims, precision {args.precision}{' (fp32 matmuls on TF32)' if gpu else ''}; "
         f"Lightning fit on a generated COCO-like dataset of {images:,} images × 5 captions and its fp16 "
         f"feature cache (built in {cache_s:.0f} s), {mean_words:.1f} words a caption, Adam as configure_optimizers "

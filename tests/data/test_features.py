@@ -14,7 +14,7 @@ from capattn.data import features as features_module
 from capattn.data.datamodule import CaptionDataModule
 from capattn.data.synthetic import ShapesReader
 from capattn.errors import DataError
-from capattn.models.decoders import ShowAttendTellDecoder
+from capattn.models.decoders import ShowAttendTellDecoder, ShowTellDecoder
 from capattn.models.encoder import ImageEncoder
 from capattn.module import CaptioningModule
 
@@ -185,6 +185,40 @@ def test_training_on_cached_features_never_runs_the_encoder(tmp_path):
     calls.clear()
     trainer.validate(model, datamodule=dm, verbose=False)
     assert calls == [] and np.isfinite(trainer.callback_metrics["val/loss"].item())
+
+
+def test_a_decoder_that_reads_no_grid_trains_and_validates_without_reading_grids(tmp_path, monkeypatch):
+    """Show and Tell sees only the pooled vector (``reads_grid = False``): its batches from the cache
+    carry that vector as a one-location grid, and no grid is read from disk in fit, validate or test;
+    its loss is the one it gets from the full grid."""
+    L.seed_everything(0)
+    enc = encoder()
+    dm = datamodule(tmp_path, features="cache")
+    decoder = ShowTellDecoder(vocab_size=dm.vocab_size, feature_dim=32, embed_dim=16, hidden_dim=16, dropout=0.0)
+    model = CaptioningModule(encoder=enc, decoder=decoder, val_scorers=("bleu",), tokenizer="simple")
+    reads: list[str] = []
+    grid = features_module.FeatureCache.grid
+    monkeypatch.setattr(
+        features_module.FeatureCache, "grid", lambda self, split: reads.append(split) or grid(self, split)
+    )
+    trainer = L.Trainer(
+        fast_dev_run=2, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path
+    )
+    trainer.fit(model, datamodule=dm)
+    trainer.validate(model, datamodule=dm, verbose=False)
+    assert np.isfinite(trainer.callback_metrics["val/loss"].item())
+    trainer.test(model, datamodule=dm, verbose=False)
+    assert reads == []
+    batch = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
+    assert batch.features.grid.shape == (4, 1, 32) and torch.equal(batch.features.grid[:, 0], batch.features.pooled)
+    full = datamodule(tmp_path, features="cache")  # no trainer: reads the grids
+    full.use_feature_cache(enc)
+    full_batch = full.on_after_batch_transfer(next(iter(full.val_dataloader())), 0)
+    assert reads == ["val"] and full_batch.features.grid.shape == (4, 36, 32)
+    model.eval()
+    with torch.no_grad():
+        ours, theirs = model._losses(batch, batch.features), model._losses(full_batch, full_batch.features)
+    torch.testing.assert_close(ours["loss"], theirs["loss"])
 
 
 def test_training_with_loader_threads_on_the_cache(tmp_path, recwarn, monkeypatch):

@@ -45,8 +45,8 @@ def image_transform(image_size: int | None, augmentations: Sequence[v2.Transform
 
 
 # One item: image (3, H, W) or None, cached grid (L, D) and pooled (D,) fp16 or None (rows of one tensor
-# for the batch, see ``_gather``), token ids (of one caption, or a list: all of the image's,
-# ``group_captions``), image id, references.
+# for the batch, see ``_gather``; the grid alone None where the decoder reads no grid), token ids (of one
+# caption, or a list: all of the image's, ``group_captions``), image id, references.
 Item = tuple[
     torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, np.ndarray | list[np.ndarray], str, list[str]
 ]
@@ -93,6 +93,8 @@ class CaptionDataset(Dataset):
         features: the feature cache; items then carry cached features instead of images.
         pinned: gather cached features straight into page-locked memory (``ThreadedDataLoader`` on
             a GPU machine: the batch then needs no copy before its transfer).
+        grid: read the cached grids (False where the decoder reads only the pooled vector,
+            ``CaptionDecoder.reads_grid``: batches then carry the pooled vector as a one-location grid).
     """
 
     def __init__(
@@ -106,6 +108,7 @@ class CaptionDataset(Dataset):
         max_caption_len: int | None = None,
         features: FeatureCache | None = None,
         pinned: bool = False,
+        grid: bool = True,
     ) -> None:
         if pairs and grouped:
             raise ValueError("CaptionDataset: pairs and grouped exclude each other")
@@ -118,6 +121,7 @@ class CaptionDataset(Dataset):
         self._caption_ends: np.ndarray | None = None  # grouped: the row after each image's last caption
         self.max_caption_len = max_caption_len
         self.features = features
+        self.grid = grid
 
     def __len__(self) -> int:
         return self.split.num_captions if self.pairs else self.split.num_images
@@ -155,8 +159,10 @@ class CaptionDataset(Dataset):
             caption_rows = np.concatenate([np.arange(a, a + n) for a, n in zip(caption_rows, counts, strict=True)])
         tokens = self.split.tokens(caption_rows)
         images = self.split.image_rows(image_rows)
+        grid = pooled = None
         if self.features is not None:
-            grid = _gather(self.features.grid(self.split.name), image_rows, pinned=self.pinned)  # (n, L, D) fp16
+            if self.grid:
+                grid = _gather(self.features.grid(self.split.name), image_rows, pinned=self.pinned)  # (n, L, D) fp16
             pooled = _gather(self.features.pooled(self.split.name), image_rows, pinned=self.pinned)  # (n, D)
         ids = [self._cut(np.asarray(t, dtype=np.int64)) for t in tokens]
         if counts is not None:  # the captions of item k: a list
@@ -175,8 +181,8 @@ class CaptionDataset(Dataset):
             items.append(
                 (
                     image,
-                    None if self.features is None else grid[k],
-                    None if self.features is None else pooled[k],
+                    None if grid is None else grid[k],
+                    None if pooled is None else pooled[k],
                     ids[k],
                     images["image_id"][k],
                     references,
@@ -207,9 +213,11 @@ def collate(items: Sequence[Item], *, pad: int) -> CaptionBatch:
     for row, caption in enumerate(captions):
         tokens[row, : len(caption)] = torch.from_numpy(caption)
     features = None
-    if grids[0] is not None:
+    if pooled[0] is not None:
         # fp16 as stored: half the host→device copy; on_after_batch_transfer makes it float32 on the device.
-        features = EncoderOutput(grid=_stacked(grids), pooled=_stacked(pooled))  # (B, L, D), (B, D)
+        vectors = _stacked(pooled)  # (B, D)
+        # (B, L, D); where the decoder reads no grid, the pooled vectors as a one-location grid (a view)
+        features = EncoderOutput(grid=vectors.unsqueeze(1) if grids[0] is None else _stacked(grids), pooled=vectors)
     return CaptionBatch(
         images=torch.stack(images) if images[0] is not None else None,  # (B, 3, H, W)
         features=features,
@@ -417,6 +425,7 @@ class CaptionDataModule(L.LightningDataModule):
         self._prepared: PreparedData | None = None
         self._cache: FeatureCache | None = None
         self._datasets: dict[str, CaptionDataset] = {}
+        self._read_grid = True  # False where the model's decoder reads only the pooled vector (setup)
 
     # --- preparing -----------------------------------------------------------------------------
 
@@ -473,6 +482,12 @@ class CaptionDataModule(L.LightningDataModule):
             raise DataError("data.features=cache needs the model's encoder: train with a model that has `.encoder`")
         return encoder
 
+    def _model_reads_grid(self) -> bool:
+        """Whether the trainer's model reads the cached grids (``CaptionDecoder.reads_grid``; True
+        without a model, or for a decoder that does not say)."""
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        return bool(getattr(getattr(module, "decoder", None), "reads_grid", True))
+
     def prepare_data(self) -> None:
         """Prepares the dataset (and the feature cache) when missing or stale; one process per node."""
         self.prepare_text()
@@ -485,6 +500,9 @@ class CaptionDataModule(L.LightningDataModule):
         """Opens the prepared folder (and the feature cache); checks the batch size against the training split."""
         if self.features == "cache" and self._cache is None:
             self.use_feature_cache(self._model_encoder())
+        if self.features == "cache" and self._model_reads_grid() != self._read_grid:
+            self._read_grid = not self._read_grid
+            self._datasets.clear()
         if stage == "fit":
             split = self.prepared.split("train")
             n, items = (split.num_images, "images") if self.group_captions else (split.num_captions, "captions")
@@ -528,6 +546,7 @@ class CaptionDataModule(L.LightningDataModule):
                 max_caption_len=self.max_caption_len if train else None,
                 features=self._cache,
                 pinned=self.loader_threads > 0 and torch.cuda.is_available(),
+                grid=self._read_grid,
             )
         return self._datasets[split]
 

@@ -170,7 +170,15 @@ class CaptionDecoder(nn.Module, ABC):
 
     Args:
         vocab_size: V; linked from the datamodule's vocabulary by the CLI.
+
+    Attributes:
+        reads_grid: whether the decoder reads ``enc.grid``, the L×D annotation grid (True, the
+            default). A decoder that sees only ``enc.pooled`` sets it False: batches from the feature
+            cache then carry no grid read from disk, only a one-location grid that is the pooled
+            vector itself, (B, 1, D) (at 196 × 2048, a 196th of the bytes a batch reads and sends).
     """
+
+    reads_grid: bool = True
 
     def __init__(self, *, vocab_size: int) -> None:
         super().__init__()
@@ -258,6 +266,8 @@ class ShowTellDecoder(CaptionDecoder):
         num_layers: stacked LSTM layers.
         dropout: dropout on embeddings and LSTM outputs.
     """
+
+    reads_grid = False  # the pooled vector only: cached batches carry no grid
 
     def __init__(
         self,
