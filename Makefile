@@ -52,6 +52,7 @@ gpu-check: install  ## on a CUDA machine: GPU-vs-CPU tests, bench_gpu.py, the GP
 	$(BIN)/python benchmarks/bench_gpu.py
 	$(BIN)/python benchmarks/bench_data.py --loaders-only --jpegs 600
 	$(BIN)/python benchmarks/bench_epoch.py --precision bf16-mixed
+	$(BIN)/python benchmarks/bench_epoch.py --precision bf16-mixed --decoder show_tell
 	$(CAPATTN) fit --config experiments/demo_show_attend_tell.yaml --trainer.accelerator=gpu \
 		--trainer.precision=bf16-mixed --float32_matmul_precision=high --model.decoder.init_args.compile_step=true \
 		--run_name=gpu-bf16
