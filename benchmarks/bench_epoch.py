@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -174,7 +175,7 @@ def step_alone(decoder_args: dict, vocab: int, batch: int, *, device: torch.devi
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--images", type=int, default=None, help="images generated (default: 2,000; 6,000 on a GPU)")
+    parser.add_argument("--images", type=int, default=None, help="images generated (default: enough for the batches)")
     parser.add_argument("--batch-size", type=int, default=None, help="captions a batch (default: 32; 256 on a GPU)")
     parser.add_argument("--batches", type=int, default=None, help="timed batches a setting (12; GPU: 100)")
     parser.add_argument("--decoder", choices=sorted(DECODERS), default="show_attend_tell")
@@ -194,9 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         sizes = dict(embed_dim=16, hidden_dim=16, attention_dim=16)
         settings = [("0 workers", 0, 0, False), ("2 threads", 0, 2, False), ("0 workers", 0, 0, True)]
     else:
-        images = args.images or (6000 if gpu else 2000)
         batch = args.batch_size or (256 if gpu else 32)
         batches, warmup, d = args.batches or (100 if gpu else 12), (10 if gpu else 3), 2048
+        # Enough training images (92% of them, Karpathy's proportions) for one more grouped batch than is run.
+        images = args.images or max(2000, math.ceil((warmup + batches + 1) * max(1, batch // 5) / 0.9))
         sizes = {k: PAPER[k] for k in ("embed_dim", "hidden_dim", "attention_dim")}
         many = min(8, cpus)
         settings = [
