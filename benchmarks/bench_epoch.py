@@ -39,11 +39,11 @@ from _common import (  # noqa: E402
     append_results,
     caption_batch,
     features,
+    interleaved,
     load_note,
     markdown_table,
     median,
     results_title,
-    sync,
 )
 from bench_data import generate_karpathy  # noqa: E402
 from bench_train import capattn_adam, capattn_loss, train_step  # noqa: E402
@@ -162,14 +162,7 @@ def step_alone(decoder_args: dict, vocab: int, batch: int, *, device: torch.devi
     enc = features(batch, decoder_args["feature_dim"], device=device)
     tokens, lengths = caption_batch(batch, vocab, device=device, longest_first=True)
     step = train_step(capattn_adam(decoder), capattn_loss(decoder, enc, tokens, lengths))
-    times = []
-    for i in range(repeats + 2):
-        start = time.perf_counter()
-        step()
-        sync(device)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return batch / median(times)
+    return batch / median(interleaved({"step": step}, repeats, device)["step"])
 
 
 def main(argv: list[str] | None = None) -> int:

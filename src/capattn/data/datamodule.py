@@ -500,8 +500,9 @@ class CaptionDataModule(L.LightningDataModule):
         """Opens the prepared folder (and the feature cache); checks the batch size against the training split."""
         if self.features == "cache" and self._cache is None:
             self.use_feature_cache(self._model_encoder())
-        if self.features == "cache" and self._model_reads_grid() != self._read_grid:
-            self._read_grid = not self._read_grid
+        read_grid = self.features != "cache" or self._model_reads_grid()
+        if read_grid != self._read_grid:  # datasets built for the other answer (before a trainer had the model)
+            self._read_grid = read_grid
             self._datasets.clear()
         if stage == "fit":
             split = self.prepared.split("train")
