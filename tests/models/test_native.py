@@ -131,6 +131,85 @@ def test_energy_backward_is_the_same_on_every_run(build):
         assert torch.equal(d_query, runs[0][0]) and torch.equal(d_w, runs[0][1])
 
 
+def _small_matmul_operands(rows: int, n: int, k: int, seed: int):
+    """x (rows, k), weight (n, k), a (rows, n), b (n, k) and outputs, each a view into a wider
+    matrix (as the loop's slices are), with odd sizes so that no panel or tile is whole."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k + 5, generator=g)[:, 3 : 3 + k]
+    weight = torch.randn(n, k + 9, generator=g)[:, 2 : 2 + k]
+    a = torch.randn(rows, n + 3, generator=g)[:, :n]
+    b = torch.randn(n, k + 7, generator=g)[:, 2 : 2 + k]
+    return x, weight, a, b, torch.randn(n, generator=g), torch.randn(rows, n + 4, generator=g)[:, 1 : 1 + n]
+
+
+def _close_to_float64(got: torch.Tensor, expected: torch.Tensor, k: int) -> None:
+    """Within float32 rounding of a k-term sum of products of unit normals."""
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-6 * k)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 17, 33, 64, 65])
+def test_small_matmuls_match_the_float64_product(build, rows):
+    n, k = 101, 70
+    x, weight, a, b, bias, out = _small_matmul_operands(rows, n, k, seed=rows)
+    if build == "portable":  # built without AVX-512: not offered, the loop keeps torch's matmul
+        assert not native.small_matmuls(x)
+        return
+    assert native.small_matmuls(x, weight)
+    before = out.clone()
+    nt = native.matmul_nt(x, weight, out, bias=bias)
+    assert nt == (rows in native.NT_ROWS)
+    if nt:
+        _close_to_float64(out, bias.double() + x.double() @ weight.double().t(), k)
+        out.copy_(before)
+        assert native.matmul_nt(x, weight, out, accumulate=True)
+        _close_to_float64(out, before.double() + x.double() @ weight.double().t(), k)
+    else:  # outside the rows where the kernel wins it writes nothing, and says so
+        assert torch.equal(out, before)
+    c = torch.randn(rows, k)
+    before = c.clone()
+    nn = native.matmul_nn(a, b, c)
+    assert nn == (rows in native.NN_ROWS)
+    if nn:
+        _close_to_float64(c, a.double() @ b.double(), n)
+        c.copy_(before)
+        assert native.matmul_nn(a, b, c, accumulate=True)
+        _close_to_float64(c, before.double() + a.double() @ b.double(), n)
+    else:
+        assert torch.equal(c, before)
+
+
+def test_small_matmuls_give_the_same_result_on_any_number_of_threads(build):
+    """Each output is summed in one fixed order by one thread: a run is repeatable bit for bit."""
+    if build == "portable":
+        pytest.skip("built without AVX-512: the small-matmul kernels are not offered")
+    x, weight, a, b, bias, out = _small_matmul_operands(32, 301, 130, seed=0)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            o, c = out.clone(), torch.empty(32, 130)
+            native.matmul_nt(x, weight, o, bias=bias)
+            native.matmul_nn(a, b, c)
+            results.append((o, c))
+    finally:
+        torch.set_num_threads(threads)
+    for o, c in results[1:]:
+        assert torch.equal(o, results[0][0]) and torch.equal(c, results[0][1])
+
+
+def test_small_matmuls_refuse_operands_that_do_not_fit(kernels):
+    if not native.small_matmuls(torch.zeros(1)):
+        pytest.skip("built without AVX-512 here: the small-matmul kernels are not offered")
+    x, weight = torch.randn(8, 16), torch.randn(10, 16)
+    with pytest.raises(ValueError, match="do not fit"):
+        native.matmul_nt(x, weight, torch.empty(8, 11))
+    with pytest.raises(ValueError, match="contiguous rows"):
+        native.matmul_nt(x, torch.randn(16, 10).t(), torch.empty(8, 10))
+    with pytest.raises(ValueError, match="CPU float32"):
+        native.matmul_nn(x.double(), weight.t(), torch.empty(8, 10))
+
+
 def test_nan_and_infinity_propagate_as_in_pytorch(build):
     keys, query, w = torch.zeros(1, 3, A), torch.zeros(1, 1, A), torch.ones(A)
     keys[0, 0, 5], keys[0, 1, 5] = float("nan"), float("inf")
@@ -192,12 +271,15 @@ def test_decoding_attention_is_the_same_with_and_without_kernels(kernels):
 
 
 @pytest.mark.parametrize("grid_grad", [False, True], ids=["cached_features", "encoder_trains"])
-def test_training_gradients_are_the_same_with_and_without_kernels(kernels, grid_grad):
-    """Show, Attend and Tell's teacher-forced loss and every gradient, fused kernels against PyTorch's path."""
+@pytest.mark.parametrize("captions", [5, 40])
+def test_training_gradients_are_the_same_with_and_without_kernels(kernels, grid_grad, captions):
+    """Show, Attend and Tell's teacher-forced loss and every gradient, fused kernels against PyTorch's
+    path. 40 captions: the per-word matmuls take the small-matmul kernels' tiles of 16, 32 and 64 rows
+    (where built with AVX-512) as the batch shrinks."""
     torch.manual_seed(0)
     dec = ShowAttendTellDecoder(vocab_size=20, feature_dim=D, embed_dim=8, hidden_dim=H, attention_dim=A, dropout=0.0)
-    tokens, lengths = random_captions(5, 9, vocab=20, seed=4)  # unsorted lengths
-    grid = torch.randn(5, L, D, requires_grad=grid_grad)
+    tokens, lengths = random_captions(captions, 9, vocab=20, seed=4)  # unsorted lengths
+    grid = torch.randn(captions, L, D, requires_grad=grid_grad)
     params = [*dec.parameters()] + ([grid] if grid_grad else [])
 
     def loss_and_grads():

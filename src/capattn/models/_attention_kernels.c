@@ -275,3 +275,190 @@ void capattn_grid_times(const float *grid, const float *v, float *out, long B, l
         out[r] = s;
     }
 }
+
+/* ---- Matrix products of a few rows: the teacher-forced loop's per-word matmuls ------------------
+ *
+ * Each word of Show, Attend and Tell's training loop multiplies b <= 64 rows (the captions still
+ * running) by the same weights: forward, gates += z W_z^T (b x 2048 by 2048 x 2048 at the paper's
+ * sizes) and [q; beta; W_hh h] = b_r + h W_r^T; backward, their transposes. MKL is slow at so few rows:
+ * on the 2-core AMD EPYC (Zen 4), b = 32 x 2048 x 2048 took 2.3-2.6 ms (100-115 GFLOP/s, against
+ * 180 for large matrices) and b = 4 1.3-1.7 ms, where reading the 16 MB weight once takes 0.7 ms.
+ * These are the usual register-blocked kernels (a tile of accumulators, one operand broadcast, the
+ * other packed contiguous), written for this case only: 1.4 and 1.8 ms at b = 32, 0.7-1.1 ms at
+ * b = 4 (benchmarks/RESULTS.md). AVX-512 only: elsewhere capattn_small_matmul_available() is 0 and
+ * the loop keeps torch's matmul. Each output is summed in a fixed order by one thread: the result
+ * does not depend on the number of threads. The rows of all operands may be strided (lda, ldb, ...);
+ * within a row, elements are contiguous. mode 0: C = P, 1: C += P, 2: C = bias + P (bias (N,)). */
+int capattn_small_matmul_available(void) {
+#if defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#if defined(__AVX512F__)
+#define NN_ROWS 6     /* rows of A per tile */
+#define NN_VECS 4     /* vectors of 16 columns of B per tile: a 64-column panel */
+#define NN_COLS (16 * NN_VECS)
+#define NN_DEPTH 128  /* rows of B per packed block: 32 KB per panel, one core's L1 */
+
+static inline __mmask16 columns_left(long left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1));
+}
+
+/* C[:rows, :64] (+)= A[:rows, k0:k0+kn] . packed (kn x 64); the first block starts from 0, C or bias. */
+static inline __attribute__((always_inline)) void nn_tile(const float *A, long lda, const float *packed, float *C,
+                                                          long ldc, const float *bias, int mode, int rows, long k0,
+                                                          long kn, const __mmask16 *mask) {
+    __m512 acc[NN_ROWS][NN_VECS];
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < NN_VECS; j++) {
+            if (k0 > 0 || mode == 1) acc[i][j] = _mm512_maskz_loadu_ps(mask[j], C + i * ldc + 16 * j);
+            else if (mode == 2) acc[i][j] = _mm512_maskz_loadu_ps(mask[j], bias + 16 * j);
+            else acc[i][j] = _mm512_setzero_ps();
+        }
+    for (long k = 0; k < kn; k++) {
+        __m512 bv[NN_VECS];
+        for (int j = 0; j < NN_VECS; j++) bv[j] = _mm512_load_ps(packed + k * NN_COLS + 16 * j);
+        for (int i = 0; i < rows; i++) {
+            __m512 a = _mm512_set1_ps(A[i * lda + k0 + k]);
+            for (int j = 0; j < NN_VECS; j++) acc[i][j] = _mm512_fmadd_ps(a, bv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < NN_VECS; j++) _mm512_mask_storeu_ps(C + i * ldc + 16 * j, mask[j], acc[i][j]);
+}
+#endif
+
+/* C (M, N) (+)= A (M, K) . B (K, N), for the loop's backward (B: W_z or W_r, rows of K). Each
+ * thread takes a run of 64-column panels of B; block by block of 128 rows of B, it packs its panels
+ * (reading B's rows in order, which the hardware prefetches well) and multiplies every tile of 6 rows
+ * of A by them. Returns 0, 1 where memory ran out, -1 where not built (no AVX-512). */
+int capattn_matmul_nn(const float *A, long lda, const float *B, long ldb, float *C, long ldc, const float *bias,
+                      long M, long N, long K, int mode) {
+#if defined(__AVX512F__)
+    const long panels = (N + NN_COLS - 1) / NN_COLS;
+    int failed = 0;
+#pragma omp parallel
+    {
+        const int t = omp_get_thread_num(), threads = omp_get_num_threads();
+        const long p0 = panels * t / threads, p1 = panels * (t + 1) / threads;
+        float *packed = NULL;
+        if (p1 > p0) {
+            packed = aligned_alloc(64, sizeof(float) * NN_DEPTH * NN_COLS * (size_t)(p1 - p0));
+            if (!packed) {
+#pragma omp atomic write
+                failed = 1;
+            }
+        }
+        for (long k0 = 0; packed && k0 < K; k0 += NN_DEPTH) {
+            const long kn = K - k0 < NN_DEPTH ? K - k0 : NN_DEPTH;
+            for (long k = 0; k < kn; k++) {
+                const float *row = B + (k0 + k) * ldb;
+                for (long p = p0; p < p1; p++)
+                    for (int j = 0; j < NN_VECS; j++) {
+                        const long n = p * NN_COLS + 16 * j;
+                        _mm512_store_ps(packed + ((p - p0) * NN_DEPTH + k) * NN_COLS + 16 * j,
+                                        _mm512_maskz_loadu_ps(columns_left(N - n), row + n));
+                    }
+            }
+            for (long p = p0; p < p1; p++) {
+                const long n0 = p * NN_COLS;
+                __mmask16 mask[NN_VECS];
+                for (int j = 0; j < NN_VECS; j++) mask[j] = columns_left(N - n0 - 16 * j);
+                const float *panel = packed + (p - p0) * NN_DEPTH * NN_COLS, *b = bias ? bias + n0 : NULL;
+                for (long r0 = 0; r0 < M; r0 += NN_ROWS) {
+                    const float *a = A + r0 * lda;
+                    float *c = C + r0 * ldc + n0;
+                    switch (M - r0 < NN_ROWS ? M - r0 : NN_ROWS) { /* constant row counts: unrolled tiles */
+                    case 6: nn_tile(a, lda, panel, c, ldc, b, mode, 6, k0, kn, mask); break;
+                    case 5: nn_tile(a, lda, panel, c, ldc, b, mode, 5, k0, kn, mask); break;
+                    case 4: nn_tile(a, lda, panel, c, ldc, b, mode, 4, k0, kn, mask); break;
+                    case 3: nn_tile(a, lda, panel, c, ldc, b, mode, 3, k0, kn, mask); break;
+                    case 2: nn_tile(a, lda, panel, c, ldc, b, mode, 2, k0, kn, mask); break;
+                    default: nn_tile(a, lda, panel, c, ldc, b, mode, 1, k0, kn, mask); break;
+                    }
+                }
+            }
+        }
+        free(packed);
+    }
+    return failed;
+#else
+    (void)A, (void)lda, (void)B, (void)ldb, (void)C, (void)ldc, (void)bias, (void)M, (void)N, (void)K, (void)mode;
+    return -1;
+#endif
+}
+
+#if defined(__AVX512F__)
+/* C[:M, n0:n0+R] (+)= (W[:R] . X^T)^T over all of K: R rows of W broadcast against NB vectors of the
+ * packed X^T (16*NB rows of X, zero-padded), R*NB accumulators; then written out transposed. */
+static inline __attribute__((always_inline)) void nt_tile(const float *W, long ldw, const float *packed, int NB,
+                                                          int R, long K, float *C, long ldc, const float *bias,
+                                                          int mode, long n0, long M) {
+    __m512 acc[12][4];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < NB; j++) acc[i][j] = _mm512_setzero_ps();
+    for (long k = 0; k < K; k++) {
+        __m512 xv[4];
+        for (int j = 0; j < NB; j++) xv[j] = _mm512_load_ps(packed + (k * NB + j) * 16);
+        for (int i = 0; i < R; i++) {
+            __m512 w = _mm512_set1_ps(W[i * ldw + k]);
+            for (int j = 0; j < NB; j++) acc[i][j] = _mm512_fmadd_ps(w, xv[j], acc[i][j]);
+        }
+    }
+    float out[12][64] __attribute__((aligned(64)));
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < NB; j++) _mm512_store_ps(out[i] + 16 * j, acc[i][j]);
+    for (long r = 0; r < M; r++) {
+        float *c = C + r * ldc + n0;
+        for (int i = 0; i < R; i++) c[i] = (mode == 1 ? c[i] : (mode == 2 ? bias[n0 + i] : 0.0f)) + out[i][r];
+    }
+}
+#endif
+
+/* C (M, N) (+)= X (M, K) . W^T, W (N, K), M <= 64, for the loop's forward (W: W_z or W_r, one row
+ * per output column). Computed as C^T = W X^T so that the weight is the broadcast operand, read
+ * once row by row, and the few rows of X are the packed one (K x 16, 32 or 64, made once and shared
+ * by the threads): tiles of 12 rows of W by 16 or 32 rows of X (6 by 64 for M > 32). Returns 0, 1
+ * where memory ran out, 2 if M > 64, -1 where not built (no AVX-512). */
+int capattn_matmul_nt(const float *X, long ldx, const float *W, long ldw, float *C, long ldc, const float *bias,
+                      long M, long N, long K, int mode) {
+#if defined(__AVX512F__)
+    if (M > 64) return 2;
+    const int NB = M <= 16 ? 1 : (M <= 32 ? 2 : 4), R = NB == 4 ? 6 : 12;
+    const long width = 16 * NB, tiles = (N + R - 1) / R;
+    float *packed = aligned_alloc(64, sizeof(float) * (size_t)(K * width));
+    if (!packed) return 1;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (long k = 0; k < K; k++) {
+            float *dst = packed + k * width;
+            long r = 0;
+            for (; r < M; r++) dst[r] = X[r * ldx + k];
+            for (; r < width; r++) dst[r] = 0.0f;
+        }
+#pragma omp for schedule(static)
+        for (long t = 0; t < tiles; t++) {
+            const long n0 = t * R, rows = N - n0 < R ? N - n0 : R;
+            const float *w = W + n0 * ldw;
+            if (rows == R && NB == 1) nt_tile(w, ldw, packed, 1, 12, K, C, ldc, bias, mode, n0, M);
+            else if (rows == R && NB == 2) nt_tile(w, ldw, packed, 2, 12, K, C, ldc, bias, mode, n0, M);
+            else if (rows == R) nt_tile(w, ldw, packed, 4, 6, K, C, ldc, bias, mode, n0, M);
+            else /* the last, partial tile: one row of W at a time */
+                for (long i = 0; i < rows; i++) {
+                    if (NB == 1) nt_tile(w + i * ldw, ldw, packed, 1, 1, K, C, ldc, bias, mode, n0 + i, M);
+                    else if (NB == 2) nt_tile(w + i * ldw, ldw, packed, 2, 1, K, C, ldc, bias, mode, n0 + i, M);
+                    else nt_tile(w + i * ldw, ldw, packed, 4, 1, K, C, ldc, bias, mode, n0 + i, M);
+                }
+        }
+    }
+    free(packed);
+    return 0;
+#else
+    (void)X, (void)ldx, (void)W, (void)ldw, (void)C, (void)ldc, (void)bias, (void)M, (void)N, (void)K, (void)mode;
+    return -1;
+#endif
+}

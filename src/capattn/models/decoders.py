@@ -427,16 +427,24 @@ class _TeacherForcedLoop(torch.autograd.Function):
         ctx_all = z_all if not plan.gate else grid.new_empty(n, grid.shape[2])  # β ẑ_t
         alpha_all = keys.new_empty(n, keys.shape[1])
         beta_all = h0.new_empty(n, 1) if plan.gate else None
+        # On a CPU with AVX-512, the per-word matmuls of these few rows run in capattn's kernels
+        # (native.matmul_nt, _nn), faster than MKL's at 4-64 rows; elsewhere, torch's.
+        small = native.small_matmuls(h0, w_ih, w_rec)
+        fused_buf = h0.new_empty(running[0], w_rec.shape[0]) if small else None
         h, c, off = h0, c0, 0
         for b in running:
             rows = slice(off, off + b)
-            fused = torch.addmm(b_rec, h[:b], w_rec.t())  # (b, A [+1] + 4H)
+            fused = fused_buf[:b] if small else None  # (b, A [+1] + 4H)
+            if not (small and native.matmul_nt(h[:b], w_rec, fused, bias=b_rec)):
+                fused = torch.addmm(b_rec, h[:b], w_rec.t())
             att.forward(fused[:, :a], b, alpha_all[rows], z_all[rows])  # (backward recomputes the queries)
             if plan.gate:
                 beta = torch.sigmoid(fused[:, a:g0], out=beta_all[rows])  # (b, 1)
                 torch.mul(z_all[rows], beta, out=ctx_all[rows])
             gates = acts[rows]  # (b, 4H), a view: filled in place, then holds the activations
-            gates.add_(fused[:, g0:]).addmm_(ctx_all[rows], w_z.t())
+            gates.add_(fused[:, g0:])
+            if not (small and native.matmul_nt(ctx_all[rows], w_z, gates, accumulate=True)):
+                gates.addmm_(ctx_all[rows], w_z.t())
             h, c = _lstm_inplace(gates, c[:b], c_out=c_all[rows], tanh_out=tanh_c[rows], h_out=h_all[rows])
             off += b
         # outputs go through save_for_backward (kept on ctx, they would hold their own graph in a cycle)
@@ -498,6 +506,8 @@ class _TeacherForcedLoop(torch.autograd.Function):
         d_fused_all = h0.new_empty(n, w_rec.shape[0])  # (N, A [+1] + 4H)
         d_gates_all = d_fused_all[:, g0:]  # (N, 4H)
         dh, dc = torch.zeros_like(h0), torch.zeros_like(c0)  # rows :b_t: the gradient reaching step t
+        small = native.small_matmuls(h0, w_ih, w_rec, d_ctx_all)  # as in the forward
+        d_ctx_buf = h0.new_empty(running[0], w_z.shape[1]) if small else None
         starts = [0]
         for b in running[:-1]:
             starts.append(starts[-1] + b)
@@ -511,12 +521,15 @@ class _TeacherForcedLoop(torch.autograd.Function):
             torch.mul(coef[rows, :3], dc_t.unsqueeze(1), out=d_gates[:, :3])
             torch.mul(coef[rows, 3], dh_t, out=d_gates[:, 3])
             dc_t.mul_(f[rows])  # now the gradient reaching c_{t−1}
-            d_ctx = torch.addmm(d_ctx_all[rows], d_gates_all[rows], w_z)  # (b, D), of β ẑ_t
+            d_ctx = d_ctx_buf[:b].copy_(d_ctx_all[rows]) if small else None  # (b, D), of β ẑ_t
+            if not (small and native.matmul_nn(d_gates_all[rows], w_z, d_ctx, accumulate=True)):
+                d_ctx = torch.addmm(d_ctx_all[rows], d_gates_all[rows], w_z)
             if plan.gate:
                 torch.linalg.vecdot(d_ctx, z_beta[rows], out=d_fused_all[rows, a])  # (a CPU's bmm: 30× slower)
                 d_ctx = d_ctx.mul_(beta_all[rows])  # of ẑ_t
             att.backward(query_all[rows], alpha_all[rows], d_alpha_all[rows], d_ctx, b, d_fused_all[rows, :a])
-            torch.mm(d_fused_all[rows], w_rec, out=dh_t)  # the gradient reaching h_{t−1}
+            if not (small and native.matmul_nn(d_fused_all[rows], w_rec, dh_t)):  # the gradient reaching h_{t−1}
+                torch.mm(d_fused_all[rows], w_rec, out=dh_t)
         d_keys, d_grid, d_w = att.gradients()
         d_w_ih = d_b_ih = d_emb = d_w_rec = d_b_rec = None
 

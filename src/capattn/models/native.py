@@ -6,7 +6,9 @@ with a rational tanh (at most 6 float32 ULP from the exact value). The beams' co
 streams each image's grid once for its K hypotheses, and beam search's top-k over (B·K, V)
 log-probabilities is one pass per row. Measured on a 2-core AVX-512 CPU at the paper's sizes,
 per word of a beam-5 search over 100 images, against PyTorch: the energy 15 → 7.6 ms, the
-context 10.3 → 8 ms, the top-k 3.1 → 0.9 ms (README, "Speed").
+context 10.3 → 8 ms, the top-k 3.1 → 0.9 ms (README, "Speed"). And where built with AVX-512, the
+training loop's per-word matmuls of a few rows (``matmul_nt``, ``matmul_nn``: 4–64 captions still
+running, by the same weights at every word), where MKL runs far below its peak.
 
 The first process that needs them compiles the C file with the system compiler (``$CC``, else
 ``cc``; about a second) into ``$CAPATTN_CACHE_DIR`` (default ``~/.cache/capattn``), under a name
@@ -125,6 +127,11 @@ def kernels() -> ctypes.CDLL | None:
     lib.capattn_grid_times.restype = None
     lib.capattn_tanh.argtypes = [_PTR, _PTR, _LONG]
     lib.capattn_tanh.restype = None
+    lib.capattn_small_matmul_available.argtypes = []
+    lib.capattn_small_matmul_available.restype = ctypes.c_int
+    for name in ("capattn_matmul_nn", "capattn_matmul_nt"):
+        getattr(lib, name).argtypes = [_PTR, _LONG, _PTR, _LONG, _PTR, _LONG, _PTR, _LONG, _LONG, _LONG, ctypes.c_int]
+        getattr(lib, name).restype = ctypes.c_int
     return lib
 
 
@@ -137,6 +144,79 @@ def usable(*tensors: Tensor) -> bool:
 
 def _ptr(t: Tensor) -> int:
     return t.data_ptr()
+
+
+# Row counts where the small-matmul kernels beat torch's (MKL's) matmul, measured at the paper's
+# sizes on the 2-core AMD EPYC (benchmarks/RESULTS.md, sixteenth session): x Wᵀ from 4 rows (below,
+# MKL's was as fast or faster), A B from 2; both up to 64, past which MKL nears its peak.
+NT_ROWS = range(4, 65)
+NN_ROWS = range(2, 65)
+
+
+def small_matmuls(*tensors: Tensor) -> bool:
+    """Whether ``matmul_nt`` and ``matmul_nn`` can take these tensors: ``usable``, and the kernels built
+    with AVX-512 (elsewhere they are not built, and torch's matmul is the one to use)."""
+    return usable(*tensors) and bool(kernels().capattn_small_matmul_available())
+
+
+def _matrix(t: Tensor, name: str) -> None:
+    if t.device.type != "cpu" or t.dtype != torch.float32:
+        raise ValueError(f"{name} must be a CPU float32 matrix, got {t.dtype} on {t.device}")
+    if t.dim() != 2 or (t.stride(1) != 1 and t.shape[1] > 1) or t.stride(0) < t.shape[1]:
+        shape, strides = tuple(t.shape), t.stride()
+        raise ValueError(f"{name} must be a 2-D matrix with contiguous rows, got shape {shape}, strides {strides}")
+
+
+def _mode(out: Tensor, bias: Tensor | None, accumulate: bool) -> int:
+    if bias is not None:
+        if accumulate or bias.shape != (out.shape[1],) or not bias.is_contiguous():
+            raise ValueError(f"bias must be a contiguous ({out.shape[1]},) vector, without accumulate")
+        return 2
+    return 1 if accumulate else 0
+
+
+def _run(fn, a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None, mode: int, m: int, n: int, k: int) -> None:
+    status = fn(
+        _ptr(a), a.stride(0), _ptr(b), b.stride(0), _ptr(out), out.stride(0),
+        None if bias is None else _ptr(bias), m, n, k, mode,
+    )  # fmt: skip
+    if status == 1:
+        raise MemoryError("capattn's small-matmul kernel could not allocate its packing buffer")
+    if status != 0:
+        raise RuntimeError(f"capattn's small-matmul kernel refused its arguments (status {status})")
+
+
+def matmul_nt(x: Tensor, weight: Tensor, out: Tensor, *, bias: Tensor | None = None, accumulate: bool = False) -> bool:
+    """``out = x weightᵀ`` (``+ bias``; or ``out += x weightᵀ`` with ``accumulate``) in the kernel, if its
+    rows are in ``NT_ROWS``; False otherwise (nothing written: the caller uses torch's matmul).
+
+    x (M, K), weight (N, K), out (M, N): CPU float32 matrices whose rows are contiguous (views of
+    wider matrices are fine). Check ``small_matmuls`` first. No autograd.
+    """
+    (m, k), n = x.shape, weight.shape[0]
+    if m not in NT_ROWS:
+        return False
+    for t, name in ((x, "x"), (weight, "weight"), (out, "out")):
+        _matrix(t, name)
+    if weight.shape[1] != k or out.shape != (m, n):
+        shapes = f"x {tuple(x.shape)}, weight {tuple(weight.shape)}, out {tuple(out.shape)}"
+        raise ValueError(f"matmul_nt: {shapes} do not fit")
+    _run(kernels().capattn_matmul_nt, x, weight, out, bias, _mode(out, bias, accumulate), m, n, k)
+    return True
+
+
+def matmul_nn(a: Tensor, b: Tensor, out: Tensor, *, accumulate: bool = False) -> bool:
+    """``out = a b`` (or ``out += a b``) in the kernel, if its rows are in ``NN_ROWS``; False otherwise
+    (nothing written). a (M, K), b (K, N), out (M, N), as in ``matmul_nt``."""
+    (m, k), n = a.shape, b.shape[1]
+    if m not in NN_ROWS:
+        return False
+    for t, name in ((a, "a"), (b, "b"), (out, "out")):
+        _matrix(t, name)
+    if b.shape[0] != k or out.shape != (m, n):
+        raise ValueError(f"matmul_nn: a {tuple(a.shape)}, b {tuple(b.shape)}, out {tuple(out.shape)} do not fit")
+    _run(kernels().capattn_matmul_nn, a, b, out, None, _mode(out, None, accumulate), m, n, k)
+    return True
 
 
 def _per_image(memory: Tensor, rows: Tensor, starts: Tensor | None, width: int) -> tuple[int, Tensor, int | None]:
