@@ -21,6 +21,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,7 @@ from _common import (  # noqa: E402
 )
 from tutorial import tutorial_loss  # noqa: E402
 
+from capattn.models import native  # noqa: E402
 from capattn.models.decoders import ShowAttendTellDecoder, ShowTellDecoder  # noqa: E402
 from capattn.models.native import bf16_in_hardware  # noqa: E402
 from capattn.module import with_fused_cpu_kernel  # noqa: E402
@@ -96,6 +98,16 @@ def capattn_adam(model, precision: str = "32-true"):
     return with_fused_cpu_kernel(torch.optim.Adam(model.parameters()), precision=precision)
 
 
+def without_small_matmuls(fn):
+    """``fn`` with the loop's per-word matmuls in torch's matmul (MKL) instead of capattn's kernels."""
+
+    def run() -> None:
+        with mock.patch.object(native, "small_matmuls", lambda *tensors: False):
+            fn()
+
+    return run
+
+
 def step_fns(
     d: int, batch: int, s: dict, sizes: dict, device: torch.device, tokens, lengths, bf16: bool = False
 ) -> dict:
@@ -136,6 +148,7 @@ def step_fns(
         "capattn": ours(sat),
         "capattn_grouped": ours(sat, grouped_batch=True),
         "capattn_torch": without_attention_kernels(ours(sat)),
+        **({"capattn_mkl": without_small_matmuls(ours(sat))} if native.small_matmuls(enc.grid) else {}),
         "show_tell": ours(st),
     }
     if bf16:
@@ -212,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             "capattn": sat_train_flops(lengths, d, **sizes),
             "capattn_grouped": sat_train_flops(lengths, d, images=images, **sizes),
             "capattn_torch": sat_train_flops(lengths, d, **sizes),
+            "capattn_mkl": sat_train_flops(lengths, d, **sizes),
             "show_tell": show_tell_train_flops(lengths, d, **sizes),
         }
         labels = {
@@ -221,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"SAT, capattn, {CAPTIONS_PER_IMAGE} captions per image "
                 f"(data.group_captions: {images} image{'s' if images > 1 else ''})"
             ),
-            "capattn_torch": "SAT, capattn, attention in PyTorch (CAPATTN_NATIVE=0)",
+            "capattn_torch": "SAT, capattn, no C kernels (CAPATTN_NATIVE=0)",
+            "capattn_mkl": "SAT, capattn, per-word matmuls in MKL",
             "show_tell": "Show and Tell, capattn",
         }
         for name in ("tutorial", "capattn", "show_tell"):
@@ -280,8 +295,10 @@ def main(argv: list[str] | None = None) -> int:
         + (f", {peak_bf16:.0f} in bf16 (the bf16-mixed rows' %)" if bf16 else "")
         + ". Model GFLOP counts each implementation's own "
         f"matmul work (the baseline projects the keys again at every word). The tutorial-style baseline is "
-        f"benchmarks/tutorial.py, same parameters, same loss (checked). 'Attention in PyTorch': capattn's step "
-        f"with its fused CPU attention kernels off. '{CAPTIONS_PER_IMAGE} captions per image': the same "
+        f"benchmarks/tutorial.py, same parameters, same loss (checked). 'No C kernels': capattn's step "
+        f"with its fused CPU attention kernels and small-matmul kernels off; 'per-word matmuls in MKL': the "
+        f"small-matmul kernels alone off (the loop's matmuls of the captions still running, in torch's "
+        f"matmul). '{CAPTIONS_PER_IMAGE} captions per image': the same "
         f"{batch} captions from fewer images, {CAPTIONS_PER_IMAGE} each (data.group_captions; as COCO and "
         f"Flickr8k have them): capattn projects each image's keys once for its captions, and its ratio is to "
         f"the same tutorial step (whose work does not depend on which images the rows show; its loss on "

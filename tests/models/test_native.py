@@ -38,6 +38,12 @@ def build(request, monkeypatch):
     native.kernels.cache_clear()
 
 
+@pytest.fixture(autouse=True)
+def small_matmuls_at_any_size(monkeypatch):
+    """The small-matmul kernels take weights of any size here (in use, only ≥ native.MIN_WEIGHT elements)."""
+    monkeypatch.setattr(native, "MIN_WEIGHT", 0)
+
+
 @pytest.fixture
 def kernels(monkeypatch):
     """Kernels on, and a function that turns them off; skips, saying why, where they cannot be built."""
@@ -156,6 +162,11 @@ def test_small_matmuls_match_the_float64_product(build, rows):
         return
     assert native.small_matmuls(x, weight)
     before = out.clone()
+    with pytest.MonkeyPatch.context() as mp:  # in use, small weights keep torch's matmul
+        mp.setattr(native, "MIN_WEIGHT", weight.numel() + 1)
+        assert not native.matmul_nt(x, weight, out, bias=bias)
+        assert not native.matmul_nn(a, b, torch.empty(rows, k))
+    assert torch.equal(out, before)
     nt = native.matmul_nt(x, weight, out, bias=bias)
     assert nt == (rows in native.NT_ROWS)
     if nt:

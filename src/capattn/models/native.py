@@ -151,6 +151,9 @@ def _ptr(t: Tensor) -> int:
 # MKL's was as fast or faster), A B from 2; both up to 64, past which MKL nears its peak.
 NT_ROWS = range(4, 65)
 NN_ROWS = range(2, 65)
+# And only for weights of at least this many elements (2 MB in float32), which come from memory at
+# every word: at the demo's sizes (64 K–300 K elements, one thread) MKL was as fast or faster.
+MIN_WEIGHT = 1 << 19
 
 
 def small_matmuls(*tensors: Tensor) -> bool:
@@ -188,13 +191,14 @@ def _run(fn, a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None, mode: int, 
 
 def matmul_nt(x: Tensor, weight: Tensor, out: Tensor, *, bias: Tensor | None = None, accumulate: bool = False) -> bool:
     """``out = x weightᵀ`` (``+ bias``; or ``out += x weightᵀ`` with ``accumulate``) in the kernel, if its
-    rows are in ``NT_ROWS``; False otherwise (nothing written: the caller uses torch's matmul).
+    rows are in ``NT_ROWS`` and the weight has ``MIN_WEIGHT`` elements; False otherwise (nothing
+    written: the caller uses torch's matmul).
 
     x (M, K), weight (N, K), out (M, N): CPU float32 matrices whose rows are contiguous (views of
     wider matrices are fine). Check ``small_matmuls`` first. No autograd.
     """
     (m, k), n = x.shape, weight.shape[0]
-    if m not in NT_ROWS:
+    if m not in NT_ROWS or weight.numel() < MIN_WEIGHT:
         return False
     for t, name in ((x, "x"), (weight, "weight"), (out, "out")):
         _matrix(t, name)
@@ -206,10 +210,11 @@ def matmul_nt(x: Tensor, weight: Tensor, out: Tensor, *, bias: Tensor | None = N
 
 
 def matmul_nn(a: Tensor, b: Tensor, out: Tensor, *, accumulate: bool = False) -> bool:
-    """``out = a b`` (or ``out += a b``) in the kernel, if its rows are in ``NN_ROWS``; False otherwise
-    (nothing written). a (M, K), b (K, N), out (M, N), as in ``matmul_nt``."""
+    """``out = a b`` (or ``out += a b``) in the kernel, if its rows are in ``NN_ROWS`` and b has
+    ``MIN_WEIGHT`` elements; False otherwise (nothing written). a (M, K), b (K, N), out (M, N), as
+    in ``matmul_nt``."""
     (m, k), n = a.shape, b.shape[1]
-    if m not in NN_ROWS:
+    if m not in NN_ROWS or b.numel() < MIN_WEIGHT:
         return False
     for t, name in ((a, "a"), (b, "b"), (out, "out")):
         _matrix(t, name)
