@@ -219,6 +219,8 @@ def test_small_matmuls_refuse_operands_that_do_not_fit(kernels):
         native.matmul_nt(x, torch.randn(16, 10).t(), torch.empty(8, 10))
     with pytest.raises(ValueError, match="CPU float32"):
         native.matmul_nn(x.double(), weight.t(), torch.empty(8, 10))
+    # the loop asks first, and keeps torch's matmul for a layout the kernels do not take
+    assert native.small_matmuls(x, weight) and not native.small_matmuls(x, weight.t())
 
 
 def test_nan_and_infinity_propagate_as_in_pytorch(build):

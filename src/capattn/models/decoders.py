@@ -432,7 +432,7 @@ class _TeacherForcedLoop(torch.autograd.Function):
         beta_all = h0.new_empty(n, 1) if plan.gate else None
         # On a CPU with AVX-512, the per-word matmuls of these few rows run in capattn's kernels
         # (native.matmul_nt, _nn), faster than MKL's at 4-64 rows; elsewhere, torch's.
-        small = native.small_matmuls(h0, w_ih, w_rec)
+        small = native.small_matmuls(h0, w_ih, w_rec, b_rec)
         fused_buf = h0.new_empty(running[0], w_rec.shape[0]) if small else None
         h, c, off = h0, c0, 0
         for b in running:
@@ -509,7 +509,7 @@ class _TeacherForcedLoop(torch.autograd.Function):
         d_fused_all = h0.new_empty(n, w_rec.shape[0])  # (N, A [+1] + 4H)
         d_gates_all = d_fused_all[:, g0:]  # (N, 4H)
         dh, dc = torch.zeros_like(h0), torch.zeros_like(c0)  # rows :b_t: the gradient reaching step t
-        small = native.small_matmuls(h0, w_ih, w_rec, d_ctx_all)  # as in the forward
+        small = native.small_matmuls(h0, w_ih, w_rec)  # as in the forward
         d_ctx_buf = h0.new_empty(running[0], w_z.shape[1]) if small else None
         starts = [0]
         for b in running[:-1]:

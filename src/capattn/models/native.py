@@ -157,8 +157,11 @@ MIN_WEIGHT = 1 << 19
 
 
 def small_matmuls(*tensors: Tensor) -> bool:
-    """Whether ``matmul_nt`` and ``matmul_nn`` can take these tensors: ``usable``, and the kernels built
-    with AVX-512 (elsewhere they are not built, and torch's matmul is the one to use)."""
+    """Whether ``matmul_nt`` and ``matmul_nn`` can take these tensors: ``usable``, each with its last
+    dimension contiguous, and the kernels built with AVX-512 (elsewhere they are not built, and
+    torch's matmul is the one to use)."""
+    if any(t.dim() and t.stride(-1) != 1 and t.shape[-1] > 1 for t in tensors):
+        return False
     return usable(*tensors) and bool(kernels().capattn_small_matmul_available())
 
 
