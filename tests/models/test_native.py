@@ -223,6 +223,11 @@ def test_small_matmuls_refuse_operands_that_do_not_fit(kernels):
     assert native.small_matmuls(x, weight) and not native.small_matmuls(x, weight.t())
 
 
+def test_capattn_small_matmuls_0_turns_them_alone_off(kernels, monkeypatch):
+    monkeypatch.setenv("CAPATTN_SMALL_MATMULS", "0")
+    assert native.usable(torch.zeros(2)) and not native.small_matmuls(torch.zeros(2))
+
+
 def test_nan_and_infinity_propagate_as_in_pytorch(build):
     keys, query, w = torch.zeros(1, 3, A), torch.zeros(1, 1, A), torch.ones(A)
     keys[0, 0, 5], keys[0, 1, 5] = float("nan"), float("inf")

@@ -159,7 +159,11 @@ MIN_WEIGHT = 1 << 19
 def small_matmuls(*tensors: Tensor) -> bool:
     """Whether ``matmul_nt`` and ``matmul_nn`` can take these tensors: ``usable``, each with its last
     dimension contiguous, and the kernels built with AVX-512 (elsewhere they are not built, and
-    torch's matmul is the one to use)."""
+    torch's matmul is the one to use). ``CAPATTN_SMALL_MATMULS=0`` turns them alone off: their row
+    ranges were measured on one CPU (an AMD EPYC); ``benchmarks/bench_matmul.py`` shows whether they
+    pay on yours."""
+    if os.environ.get("CAPATTN_SMALL_MATMULS", "1") == "0":
+        return False
     if any(t.dim() and t.stride(-1) != 1 and t.shape[-1] > 1 for t in tensors):
         return False
     return usable(*tensors) and bool(kernels().capattn_small_matmul_available())
