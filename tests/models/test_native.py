@@ -12,7 +12,7 @@ import torch
 from capattn.decoding import beam_search, greedy
 from capattn.models import native
 from capattn.models.attention import SoftAttention
-from capattn.models.decoders import ShowAttendTellDecoder
+from capattn.models.decoders import ShowAttendTellDecoder, ShowTellDecoder
 from capattn.models.encoder import EncoderOutput
 
 from ..conftest import random_captions
@@ -153,7 +153,7 @@ def _close_to_float64(got: torch.Tensor, expected: torch.Tensor, k: int) -> None
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-6 * k)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 17, 33, 64, 65])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 17, 33, 64, 65, 100])
 def test_small_matmuls_match_the_float64_product(build, rows):
     n, k = 101, 70
     x, weight, a, b, bias, out = _small_matmul_operands(rows, n, k, seed=rows)
@@ -168,7 +168,7 @@ def test_small_matmuls_match_the_float64_product(build, rows):
         assert not native.matmul_nn(a, b, torch.empty(rows, k))
     assert torch.equal(out, before)
     nt = native.matmul_nt(x, weight, out, bias=bias)
-    assert nt == (rows in native.NT_ROWS)
+    assert nt == native.nt_takes(rows, weight) == (rows >= native.NT_ROWS.start)  # past 64 rows: k ≤ NT_WIDE_MAX_K
     if nt:
         _close_to_float64(out, bias.double() + x.double() @ weight.double().t(), k)
         out.copy_(before)
@@ -179,7 +179,7 @@ def test_small_matmuls_match_the_float64_product(build, rows):
     c = torch.randn(rows, k)
     before = c.clone()
     nn = native.matmul_nn(a, b, c)
-    assert nn == (rows in native.NN_ROWS)
+    assert nn == native.nn_takes(rows, b) == (rows in native.NN_ROWS)
     if nn:
         _close_to_float64(c, a.double() @ b.double(), n)
         c.copy_(before)
@@ -219,6 +219,9 @@ def test_small_matmuls_refuse_operands_that_do_not_fit(kernels):
         native.matmul_nt(x, torch.randn(16, 10).t(), torch.empty(8, 10))
     with pytest.raises(ValueError, match="CPU float32"):
         native.matmul_nn(x.double(), weight.t(), torch.empty(8, 10))
+    # past 64 rows, only narrow weights (decoding's output layer), where MKL was slower
+    assert native.nt_takes(100, torch.empty(10, 512)) and not native.nt_takes(100, torch.empty(10, 2048))
+    assert native.nt_takes(64, torch.empty(10, 2048))
     # the loop asks first, and keeps torch's matmul for a layout the kernels do not take
     assert native.small_matmuls(x, weight) and not native.small_matmuls(x, weight.t())
 
@@ -316,10 +319,16 @@ def test_training_gradients_are_the_same_with_and_without_kernels(kernels, grid_
 
 
 @pytest.mark.parametrize("beam_size", [1, 3])
-def test_searches_give_the_same_captions_with_and_without_kernels(kernels, beam_size):
+@pytest.mark.parametrize("images", [6, 40])
+@pytest.mark.parametrize("decoder", ["show_attend_tell", "show_tell"])
+def test_searches_give_the_same_captions_with_and_without_kernels(kernels, beam_size, images, decoder):
+    """The kernels on (the decoding step's matmuls too: 6-120 rows here) against PyTorch's path."""
     torch.manual_seed(0)
-    dec = ShowAttendTellDecoder(vocab_size=30, feature_dim=D, embed_dim=8, hidden_dim=H, attention_dim=A).eval()
-    grid = torch.randn(6, L, D)
+    if decoder == "show_tell":
+        dec = ShowTellDecoder(vocab_size=30, feature_dim=D, embed_dim=8, hidden_dim=H).eval()
+    else:
+        dec = ShowAttendTellDecoder(vocab_size=30, feature_dim=D, embed_dim=8, hidden_dim=H, attention_dim=A).eval()
+    grid = torch.randn(images, L, D)
     enc = EncoderOutput(grid=grid, pooled=grid.mean(1))
 
     def search():

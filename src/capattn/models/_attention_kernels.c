@@ -418,41 +418,49 @@ static inline __attribute__((always_inline)) void nt_tile(const float *W, long l
 }
 #endif
 
-/* C (M, N) (+)= X (M, K) . W^T, W (N, K), M <= 64, for the loop's forward (W: W_z or W_r, one row
- * per output column). Computed as C^T = W X^T so that the weight is the broadcast operand, read
- * once row by row, and the few rows of X are the packed one (K x 16, 32 or 64, made once and shared
- * by the threads): tiles of 12 rows of W by 16 or 32 rows of X (6 by 64 for M > 32). Returns 0, 1
- * where memory ran out, 2 if M > 64, -1 where not built (no AVX-512). */
+/* C (M, N) (+)= X (M, K) . W^T, W (N, K), for the loop's forward (W: W_z or W_r, one row per output
+ * column) and decoding's output layer. Computed as C^T = W X^T so that the weight is the broadcast
+ * operand, read once row by row, and the rows of X are the packed one (K x 16, 32 or 64, made once and
+ * shared by the threads): tiles of 12 rows of W by 16 or 32 rows of X (6 by 64 for 33-64 rows). Past
+ * 64 rows, X is packed in blocks of 32 rows and each tile of W is multiplied by every block while it
+ * is in cache. Returns 0, 1 where memory ran out, -1 where not built (no AVX-512). */
 int capattn_matmul_nt(const float *X, long ldx, const float *W, long ldw, float *C, long ldc, const float *bias,
                       long M, long N, long K, int mode) {
 #if defined(__AVX512F__)
-    if (M > 64) return 2;
-    const int NB = M <= 16 ? 1 : (M <= 32 ? 2 : 4), R = NB == 4 ? 6 : 12;
-    const long width = 16 * NB, tiles = (N + R - 1) / R;
-    float *packed = aligned_alloc(64, sizeof(float) * (size_t)(K * width));
+    const int NB = M <= 16 ? 1 : (M <= 32 || M > 64 ? 2 : 4), R = NB == 4 ? 6 : 12;
+    const long width = 16 * NB, block = M > 64 ? 32 : M, blocks = (M + block - 1) / block;
+    const long tiles = (N + R - 1) / R;
+    float *packed = aligned_alloc(64, sizeof(float) * (size_t)(blocks * K * width));
     if (!packed) return 1;
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-        for (long k = 0; k < K; k++) {
-            float *dst = packed + k * width;
-            long r = 0;
-            for (; r < M; r++) dst[r] = X[r * ldx + k];
-            for (; r < width; r++) dst[r] = 0.0f;
-        }
+        for (long k = 0; k < K; k++)
+            for (long b = 0; b < blocks; b++) {
+                const long r0 = b * block, m = M - r0 < block ? M - r0 : block;
+                float *dst = packed + (b * K + k) * width;
+                long r = 0;
+                for (; r < m; r++) dst[r] = X[(r0 + r) * ldx + k];
+                for (; r < width; r++) dst[r] = 0.0f;
+            }
 #pragma omp for schedule(static)
         for (long t = 0; t < tiles; t++) {
             const long n0 = t * R, rows = N - n0 < R ? N - n0 : R;
             const float *w = W + n0 * ldw;
-            if (rows == R && NB == 1) nt_tile(w, ldw, packed, 1, 12, K, C, ldc, bias, mode, n0, M);
-            else if (rows == R && NB == 2) nt_tile(w, ldw, packed, 2, 12, K, C, ldc, bias, mode, n0, M);
-            else if (rows == R) nt_tile(w, ldw, packed, 4, 6, K, C, ldc, bias, mode, n0, M);
-            else /* the last, partial tile: one row of W at a time */
-                for (long i = 0; i < rows; i++) {
-                    if (NB == 1) nt_tile(w + i * ldw, ldw, packed, 1, 1, K, C, ldc, bias, mode, n0 + i, M);
-                    else if (NB == 2) nt_tile(w + i * ldw, ldw, packed, 2, 1, K, C, ldc, bias, mode, n0 + i, M);
-                    else nt_tile(w + i * ldw, ldw, packed, 4, 1, K, C, ldc, bias, mode, n0 + i, M);
-                }
+            for (long b = 0; b < blocks; b++) {
+                const long r0 = b * block, m = M - r0 < block ? M - r0 : block;
+                const float *xb = packed + b * K * width;
+                float *c = C + r0 * ldc;
+                if (rows == R && NB == 1) nt_tile(w, ldw, xb, 1, 12, K, c, ldc, bias, mode, n0, m);
+                else if (rows == R && NB == 2) nt_tile(w, ldw, xb, 2, 12, K, c, ldc, bias, mode, n0, m);
+                else if (rows == R) nt_tile(w, ldw, xb, 4, 6, K, c, ldc, bias, mode, n0, m);
+                else /* the last, partial tile: one row of W at a time */
+                    for (long i = 0; i < rows; i++) {
+                        if (NB == 1) nt_tile(w + i * ldw, ldw, xb, 1, 1, K, c, ldc, bias, mode, n0 + i, m);
+                        else if (NB == 2) nt_tile(w + i * ldw, ldw, xb, 2, 1, K, c, ldc, bias, mode, n0 + i, m);
+                        else nt_tile(w + i * ldw, ldw, xb, 4, 1, K, c, ldc, bias, mode, n0 + i, m);
+                    }
+            }
         }
     }
     free(packed);

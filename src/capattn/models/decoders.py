@@ -82,6 +82,19 @@ def _cpu_decoding(x: Tensor) -> bool:
     )
 
 
+def _decoding_matmul(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor | None:
+    """``x weightᵀ + bias`` in capattn's matmul kernel (``native.matmul_nt``) where it pays for a
+    decoding step on a CPU (e.g. the output layer's 10,000 × 512 weight at 100–500 rows: 6.7 against
+    9.1 ms, 28 against 35; RESULTS.md, sixteenth session); None where it does not (use torch's)."""
+    if not (x.dim() == 2 and _cpu_decoding(x) and native.small_matmuls(x, weight, bias)):
+        return None
+    if not native.nt_takes(x.shape[0], weight):
+        return None
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    native.matmul_nt(x, weight, out, bias=bias)
+    return out
+
+
 def _versions(tensors) -> tuple[Any, ...]:
     """What identifies the values of ``tensors`` for a cache built from them: storage, in-place
     version, dtype and device. (Not every in-place update counts: torch's fused Adam does not bump
@@ -112,6 +125,9 @@ class _FoldedLinear:
         if layer.bias is None or not _cpu_decoding(x):
             return layer(x)
         w, b = layer.weight, layer.bias
+        out = _decoding_matmul(x, w, b)  # the bias inside capattn's kernel, where it pays
+        if out is not None:
+            return out
         key = _versions((w, b))
         if self._weight is None or self._key != key:
             self._key, self._weight = key, torch.cat([w, b.unsqueeze(1)], dim=1)  # (V, E + 1)
@@ -751,8 +767,10 @@ class ShowAttendTellDecoder(CaptionDecoder):
     def _step(self, tokens: Tensor, state: tuple[Tensor, Tensor], mem: AttentionMemory) -> StepOutput:
         h, c = state  # (B*K, H): K hypotheses per image of ``mem`` (K = 1 outside beam search)
         weight, bias = self._recurrent_weights(input_bias=True)
+        fused = _decoding_matmul(h, weight, bias)
         context, alpha, gates_h = self._attend(
-            torch.addmm(bias, h, weight.t()), lambda query: self.attention.attend(mem.keys, mem.grid, query, mem.starts)
+            torch.addmm(bias, h, weight.t()) if fused is None else fused,
+            lambda query: self.attention.attend(mem.keys, mem.grid, query, mem.starts),
         )
         emb = self.embed(tokens)  # (B*K, E)
         w_ih = self.cell.weight_ih  # (4H, E + D): input [E y_{t−1}; ẑ_t]
@@ -763,7 +781,9 @@ class ShowAttendTellDecoder(CaptionDecoder):
             h, c = self._lstm(gates, c)
         else:  # decoding: the same arithmetic, in place in the fused matmul's output (fewer passes per word)
             self._word_gates.add_to(gates_h, self.embed.weight, w_ih[:, : self.embed_dim], tokens)
-            gates_h.addmm_(context, w_ih[:, self.embed_dim :].t())
+            w_z = w_ih[:, self.embed_dim :]
+            if not (native.small_matmuls(context, w_z) and native.matmul_nt(context, w_z, gates_h, accumulate=True)):
+                gates_h.addmm_(context, w_z.t())
             h, c = _lstm_inplace(gates_h, c)
         logits = self._output(emb, h, context)  # (B*K, V)
         return StepOutput(logprobs=_step_log_softmax(logits), state=(h, c), alpha=alpha)

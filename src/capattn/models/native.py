@@ -146,14 +146,29 @@ def _ptr(t: Tensor) -> int:
     return t.data_ptr()
 
 
-# Row counts where the small-matmul kernels beat torch's (MKL's) matmul, measured at the paper's
-# sizes on the 2-core AMD EPYC (benchmarks/RESULTS.md, sixteenth session): x Wᵀ from 4 rows (below,
-# MKL's was as fast or faster), A B from 2; both up to 64, past which MKL nears its peak.
+# Where the small-matmul kernels beat torch's (MKL's) matmul, measured at the paper's sizes on the
+# 2-core AMD EPYC (benchmarks/RESULTS.md, sixteenth session; bench_matmul.py): x Wᵀ from 4 rows (below,
+# MKL's was as fast or faster) to 64, and past 64 rows (decoding's 100-500) for weights of at most
+# NT_WIDE_MAX_K columns (the output layer's 512: 6.9 against 10.7 ms at 100 rows, 26.9 against 33.9
+# at 500; with 2,048 columns MKL was level at 100 rows and faster at 300-500); A B from 2 rows to 64.
 NT_ROWS = range(4, 65)
+NT_WIDE_MAX_K = 1024
 NN_ROWS = range(2, 65)
 # And only for weights of at least this many elements (2 MB in float32), which come from memory at
 # every word: at the demo's sizes (64 K–300 K elements, one thread) MKL was as fast or faster.
 MIN_WEIGHT = 1 << 19
+
+
+def nt_takes(rows: int, weight: Tensor) -> bool:
+    """Whether ``matmul_nt`` computes ``rows`` rows times ``weight``ᵀ (N, K) in the kernel."""
+    if weight.numel() < MIN_WEIGHT or rows < NT_ROWS.start:
+        return False
+    return rows in NT_ROWS or weight.shape[1] <= NT_WIDE_MAX_K
+
+
+def nn_takes(rows: int, b: Tensor) -> bool:
+    """Whether ``matmul_nn`` computes ``rows`` rows times ``b`` (K, N) in the kernel."""
+    return rows in NN_ROWS and b.numel() >= MIN_WEIGHT
 
 
 def small_matmuls(*tensors: Tensor) -> bool:
@@ -197,15 +212,14 @@ def _run(fn, a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None, mode: int, 
 
 
 def matmul_nt(x: Tensor, weight: Tensor, out: Tensor, *, bias: Tensor | None = None, accumulate: bool = False) -> bool:
-    """``out = x weightᵀ`` (``+ bias``; or ``out += x weightᵀ`` with ``accumulate``) in the kernel, if its
-    rows are in ``NT_ROWS`` and the weight has ``MIN_WEIGHT`` elements; False otherwise (nothing
-    written: the caller uses torch's matmul).
+    """``out = x weightᵀ`` (``+ bias``; or ``out += x weightᵀ`` with ``accumulate``) in the kernel where
+    it pays (``nt_takes``); False otherwise (nothing written: the caller uses torch's matmul).
 
     x (M, K), weight (N, K), out (M, N): CPU float32 matrices whose rows are contiguous (views of
     wider matrices are fine). Check ``small_matmuls`` first. No autograd.
     """
     (m, k), n = x.shape, weight.shape[0]
-    if m not in NT_ROWS or weight.numel() < MIN_WEIGHT:
+    if not nt_takes(m, weight):
         return False
     for t, name in ((x, "x"), (weight, "weight"), (out, "out")):
         _matrix(t, name)
@@ -217,11 +231,10 @@ def matmul_nt(x: Tensor, weight: Tensor, out: Tensor, *, bias: Tensor | None = N
 
 
 def matmul_nn(a: Tensor, b: Tensor, out: Tensor, *, accumulate: bool = False) -> bool:
-    """``out = a b`` (or ``out += a b``) in the kernel, if its rows are in ``NN_ROWS`` and b has
-    ``MIN_WEIGHT`` elements; False otherwise (nothing written). a (M, K), b (K, N), out (M, N), as
-    in ``matmul_nt``."""
+    """``out = a b`` (or ``out += a b``) in the kernel where it pays (``nn_takes``); False otherwise
+    (nothing written). a (M, K), b (K, N), out (M, N), as in ``matmul_nt``."""
     (m, k), n = a.shape, b.shape[1]
-    if m not in NN_ROWS or b.numel() < MIN_WEIGHT:
+    if not nn_takes(m, b):
         return False
     for t, name in ((a, "a"), (b, "b"), (out, "out")):
         _matrix(t, name)
