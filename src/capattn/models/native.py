@@ -7,8 +7,9 @@ streams each image's grid once for its K hypotheses, and beam search's top-k ove
 log-probabilities is one pass per row. Measured on a 2-core AVX-512 CPU at the paper's sizes,
 per word of a beam-5 search over 100 images, against PyTorch: the energy 15 → 7.6 ms, the
 context 10.3 → 8 ms, the top-k 3.1 → 0.9 ms (README, "Speed"). And where built with AVX-512, the
-training loop's per-word matmuls of a few rows (``matmul_nt``, ``matmul_nn``: 4–64 captions still
-running, by the same weights at every word), where MKL runs far below its peak.
+per-word matmuls where MKL runs far below its peak (``matmul_nt``, ``matmul_nn``; ``nt_takes`` and
+``nn_takes`` say where): the training loop's products of the 4–64 captions still running, by the
+same weights at every word, and a decoding step's recurrent matmul and output layer.
 
 The first process that needs them compiles the C file with the system compiler (``$CC``, else
 ``cc``; about a second) into ``$CAPATTN_CACHE_DIR`` (default ``~/.cache/capattn``), under a name
