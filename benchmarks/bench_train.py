@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,10 +100,11 @@ def capattn_adam(model, precision: str = "32-true"):
 
 
 def without_small_matmuls(fn):
-    """``fn`` with the loop's per-word matmuls in torch's matmul (MKL) instead of capattn's kernels."""
+    """``fn`` with the loop's per-word matmuls in torch's matmul (MKL) instead of capattn's kernels,
+    through the users' own switch (``CAPATTN_SMALL_MATMULS=0``)."""
 
     def run() -> None:
-        with mock.patch.object(native, "small_matmuls", lambda *tensors: False):
+        with mock.patch.dict(os.environ, {"CAPATTN_SMALL_MATMULS": "0"}):
             fn()
 
     return run

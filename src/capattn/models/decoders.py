@@ -88,7 +88,7 @@ def _decoding_matmul(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor | None:
     9.1 ms, 28 against 35; RESULTS.md, sixteenth session); None where it does not (use torch's)."""
     if not (x.dim() == 2 and _cpu_decoding(x) and native.small_matmuls(x, weight, bias)):
         return None
-    if not native.nt_takes(x.shape[0], weight):
+    if not native.nt_takes(x.shape[0], weight):  # asked first: no output allocated for nothing
         return None
     out = x.new_empty(x.shape[0], weight.shape[0])
     native.matmul_nt(x, weight, out, bias=bias)
