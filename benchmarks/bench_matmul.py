@@ -6,7 +6,7 @@
 At each word, Show, Attend and Tell's teacher-forced loop multiplies the b captions still running
 (b ≤ the batch, shrinking) by the same weights: forward z W_zᵀ (W_z 4H × D) and h W_rᵀ (W_r
 (A + 1 + 4H) × H), backward their transposes. A decoding step multiplies its hypotheses (100-500
-rows for 100 images) by W_r, W_z and the output layer's L_o (V × E). This times each product alone
+rows for 100 images) by W_r, W_z and the deep output layer's L_z (E × D) and L_o (V × E). This times each product alone
 at the paper's sizes (H = A = E = 512, D = 2048 and 512, V = 10,000), in torch's matmul and in
 ``native.matmul_nt`` / ``matmul_nn`` (CPU, built with AVX-512), interleaved in one process. The last
 column says whether capattn takes the kernel for that product (``native.nt_takes``, ``nn_takes``).
@@ -58,6 +58,7 @@ def products(feature_dim: int) -> list[tuple[str, str, int, int, tuple[int, ...]
             ("training, backward dF W_r", "nn", HIDDEN, rec, ROWS),
             ("decoding, h W_rᵀ", "nt", rec, HIDDEN, DECODING_ROWS),
             ("decoding, z W_zᵀ", "nt", gates, feature_dim, DECODING_ROWS),
+            ("decoding, deep output z L_zᵀ", "nt", HIDDEN, feature_dim, DECODING_ROWS),
             ("decoding, output layer x L_oᵀ", "nt", VOCAB, HIDDEN, DECODING_ROWS),
         ]
     return out
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         f"(native.matmul_nt / matmul_nn), median of {repeats} interleaved repeats of {CALLS} products; "
         f"{load_note()}; measured matmul peak {peak:.0f} GFLOP/s (2048² fp32). capattn takes the kernel "
         f"(native.nt_takes, nn_takes) for x Wᵀ from {native.NT_ROWS.start} to {native.NT_ROWS.stop - 1} rows, and "
-        f"past that for weights of at most {native.NT_WIDE_MAX_K:,} columns; for A B from {native.NN_ROWS.start} "
+        f"past that for weights of at most {native.NT_WIDE_MAX_K:,} columns or of {native.NT_WIDE_MIN_WEIGHT:,} "
+        f"elements or more (then 64 rows of x at a time); for A B from {native.NN_ROWS.start} "
         f"to {native.NN_ROWS.stop - 1} rows; weights of {native.MIN_WEIGHT:,} elements or more. Timed here at "
         f"every row count.\n\n{table}\n"
     )

@@ -136,6 +136,36 @@ def test_no_eos_before_max_len_returns_full_length_hypotheses():
     assert g.tokens.shape == (2, 1, 7)
 
 
+def test_greedy_takes_the_first_of_tied_words_as_max_does():
+    """On a CPU at fp32 greedy picks with the fused top-k kernel; ties and NaN go as with ``max``."""
+
+    class Tied(CaptionDecoder):
+        def __init__(self):
+            super().__init__(vocab_size=V)
+
+        def prepare(self, enc):
+            return enc.pooled
+
+        def init_state(self, mem):
+            return torch.zeros(mem.shape[0], 1)
+
+        def step(self, tokens, state, mem):
+            logits = torch.zeros(tokens.shape[0], V)
+            logits[:, [V - 2, 5, V - 1]] = 3.0  # three best words, tied
+            return StepOutput(logprobs=logits.log_softmax(-1), state=state + 1, alpha=None)
+
+        def forward(self, enc, captions, lengths):
+            raise NotImplementedError
+
+    out = greedy(Tied(), encoded(3), max_len=4, **SPECIAL)
+    assert (out.tokens == 5).all()
+    x = torch.randn(7, 1000)
+    x[1, [3, 900]] = 10.0
+    x[2, [40, 41]] = float("nan")
+    assert torch.equal(decoding._argmax(x), x.max(-1).indices)
+    assert decoding._argmax(x)[1] == 3 and decoding._argmax(x)[2] == 40
+
+
 def test_greedy_and_sampling_stop_at_eos(decoder):
     enc = encoded(6)
     assert ended_cleanly(greedy(decoder, enc, max_len=20, **SPECIAL).tokens)

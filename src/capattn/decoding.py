@@ -122,6 +122,15 @@ def _topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return x.topk(k, dim=-1)
 
 
+def _argmax(logprobs: Tensor) -> Tensor:
+    """The most likely word of each row, the first of ties (as ``max``); at fp32 on a CPU by
+    ``native.topk`` (100 × 10,000: 0.10 ms against ``max``'s 0.77, 4% of a greedy step at the
+    paper's sizes; seventeenth session)."""
+    if not logprobs.requires_grad and native.usable(logprobs):
+        return native.topk(logprobs, 1)[1].squeeze(1)
+    return logprobs.max(-1).indices
+
+
 def _fp32_detour(enc: EncoderOutput) -> bool:
     """Whether a search steps out of autocast: on a CPU, where bf16 decoding is slower than fp32.
 
@@ -247,9 +256,7 @@ def greedy(decoder: CaptionDecoder, enc: EncoderOutput, *, bos: int, eos: int, p
     Returns:
         Captions with K = 1.
     """
-    return _one_token_at_a_time(
-        decoder, enc, bos=bos, eos=eos, pad=pad, max_len=max_len, pick=lambda lp: lp.max(-1).indices, compact=True
-    )
+    return _one_token_at_a_time(decoder, enc, bos=bos, eos=eos, pad=pad, max_len=max_len, pick=_argmax, compact=True)
 
 
 def sample(

@@ -420,30 +420,26 @@ static inline __attribute__((always_inline)) void nt_tile(const float *W, long l
 }
 #endif
 
-/* C (M, N) (+)= X (M, K) . W^T, W (N, K), for the loop's forward (W: W_z or W_r, one row per output
- * column) and decoding's output layer. Computed as C^T = W X^T so that the weight is the broadcast
- * operand, read once row by row, and the rows of X are the packed one (K x 16, 32 or 64, made once and
- * shared by the threads): tiles of 12 rows of W by 16 or 32 rows of X (6 by 64 for 33-64 rows). Past
- * 64 rows, X is packed in blocks of 32 rows and each tile of W is multiplied by every block while it
- * is in cache. Returns 0, 1 where memory ran out, -1 where not built (no AVX-512). */
-int capattn_matmul_nt(const float *X, long ldx, const float *W, long ldw, float *C, long ldc, const float *bias,
-                      long M, long N, long K, int mode) {
 #if defined(__AVX512F__)
+/* C[:M] (+)= X[:M] . W^T for one part of X's rows, with `packed` room for them (see below). */
+static void nt_part(const float *X, long ldx, const float *W, long ldw, float *C, long ldc, const float *bias, long M,
+                    long N, long K, int mode, float *packed) {
     const int NB = M <= 16 ? 1 : (M <= 32 || M > 64 ? 2 : 4), R = NB == 4 ? 6 : 12;
     const long width = 16 * NB, block = M > 64 ? 32 : M, blocks = (M + block - 1) / block;
     const long tiles = (N + R - 1) / R;
-    float *packed = aligned_alloc(64, sizeof(float) * (size_t)(blocks * K * width));
-    if (!packed) return 1;
+/* a block's width: 16 rows of X for a last block of at most 16 (the 4 rows left of 100 took as long
+ * as 32 before: the output layer at 100 rows, 10,000 x 512, ran at 148 GFLOP/s, 165 with this) */
+#define NT_NB(m) (NB == 2 && (m) <= 16 ? 1 : NB)
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
         for (long k = 0; k < K; k++)
             for (long b = 0; b < blocks; b++) {
-                const long r0 = b * block, m = M - r0 < block ? M - r0 : block;
-                float *dst = packed + (b * K + k) * width;
+                const long r0 = b * block, m = M - r0 < block ? M - r0 : block, bw = 16 * NT_NB(m);
+                float *dst = packed + b * K * width + k * bw;
                 long r = 0;
                 for (; r < m; r++) dst[r] = X[(r0 + r) * ldx + k];
-                for (; r < width; r++) dst[r] = 0.0f;
+                for (; r < bw; r++) dst[r] = 0.0f;
             }
 #pragma omp for schedule(static)
         for (long t = 0; t < tiles; t++) {
@@ -451,20 +447,51 @@ int capattn_matmul_nt(const float *X, long ldx, const float *W, long ldw, float 
             const float *w = W + n0 * ldw;
             for (long b = 0; b < blocks; b++) {
                 const long r0 = b * block, m = M - r0 < block ? M - r0 : block;
+                const int nb = NT_NB(m);
                 const float *xb = packed + b * K * width;
                 float *c = C + r0 * ldc;
-                if (rows == R && NB == 1) nt_tile(w, ldw, xb, 1, 12, K, c, ldc, bias, mode, n0, m);
-                else if (rows == R && NB == 2) nt_tile(w, ldw, xb, 2, 12, K, c, ldc, bias, mode, n0, m);
+                if (rows == R && nb == 1) nt_tile(w, ldw, xb, 1, 12, K, c, ldc, bias, mode, n0, m);
+                else if (rows == R && nb == 2) nt_tile(w, ldw, xb, 2, 12, K, c, ldc, bias, mode, n0, m);
                 else if (rows == R) nt_tile(w, ldw, xb, 4, 6, K, c, ldc, bias, mode, n0, m);
                 else /* the last, partial tile: one row of W at a time */
                     for (long i = 0; i < rows; i++) {
-                        if (NB == 1) nt_tile(w + i * ldw, ldw, xb, 1, 1, K, c, ldc, bias, mode, n0 + i, m);
-                        else if (NB == 2) nt_tile(w + i * ldw, ldw, xb, 2, 1, K, c, ldc, bias, mode, n0 + i, m);
+                        if (nb == 1) nt_tile(w + i * ldw, ldw, xb, 1, 1, K, c, ldc, bias, mode, n0 + i, m);
+                        else if (nb == 2) nt_tile(w + i * ldw, ldw, xb, 2, 1, K, c, ldc, bias, mode, n0 + i, m);
                         else nt_tile(w + i * ldw, ldw, xb, 4, 1, K, c, ldc, bias, mode, n0 + i, m);
                     }
             }
         }
     }
+#undef NT_NB
+}
+#endif
+
+#define NT_PART_ROWS 64
+#define NT_PART_MIN_K 1025
+
+/* C (M, N) (+)= X (M, K) . W^T, W (N, K), for the loop's forward (W: W_z or W_r, one row per output
+ * column) and decoding's step. Computed as C^T = W X^T so that the weight is the broadcast operand,
+ * read once row by row, and the rows of X are the packed one (K x 16, 32 or 64, made once and
+ * shared by the threads): tiles of 12 rows of W by 16 or 32 rows of X (6 by 64 for 33-64 rows). Past
+ * 64 rows, X is packed in blocks of 32 rows (the last of at most 16 rows, 16 wide) and each tile of W
+ * is multiplied by every block while it is in cache. Where W has more than 1,024 columns (W_z and
+ * L_z, 2,048), 32-row blocks ran at 104-130 GFLOP/s, below MKL at some row counts: all of X packed,
+ * 2,048 x 128 floats at 128 rows, does not stay in a 1 MB L2. There, X goes in parts of 64 rows one
+ * after another, each packed (512 KB) and multiplied by all of W, which is read once per part (W_z at
+ * 100-500 rows: 150-190 GFLOP/s). Returns 0, 1 where memory ran out, -1 where not built (no AVX-512). */
+int capattn_matmul_nt(const float *X, long ldx, const float *W, long ldw, float *C, long ldc, const float *bias,
+                      long M, long N, long K, int mode) {
+#if defined(__AVX512F__)
+    const int parts = M > NT_PART_ROWS && K >= NT_PART_MIN_K;
+    const long room = parts ? NT_PART_ROWS : (M > 64 ? (M + 31) / 32 * 32 : (M <= 16 ? 16 : (M <= 32 ? 32 : 64)));
+    float *packed = aligned_alloc(64, sizeof(float) * (size_t)(K * room));
+    if (!packed) return 1;
+    if (!parts) nt_part(X, ldx, W, ldw, C, ldc, bias, M, N, K, mode, packed);
+    else
+        for (long r0 = 0; r0 < M; r0 += NT_PART_ROWS) {
+            const long m = M - r0 < NT_PART_ROWS ? M - r0 : NT_PART_ROWS;
+            nt_part(X + r0 * ldx, ldx, W, ldw, C + r0 * ldc, ldc, bias, m, N, K, mode, packed);
+        }
     free(packed);
     return 0;
 #else

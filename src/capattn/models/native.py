@@ -9,7 +9,7 @@ per word of a beam-5 search over 100 images, against PyTorch: the energy 15 → 
 context 10.3 → 8 ms, the top-k 3.1 → 0.9 ms (README, "Speed"). And where built with AVX-512, the
 per-word matmuls where MKL runs far below its peak (``matmul_nt``, ``matmul_nn``; ``nt_takes`` and
 ``nn_takes`` say where): the training loop's products of the 4–64 captions still running, by the
-same weights at every word, and a decoding step's recurrent matmul and output layer.
+same weights at every word, and a decoding step's recurrent matmul, z W_zᵀ and output layer.
 
 The first process that needs them compiles the C file with the system compiler (``$CC``, else
 ``cc``; about a second) into ``$CAPATTN_CACHE_DIR`` (default ``~/.cache/capattn``), under a name
@@ -154,6 +154,10 @@ def _ptr(t: Tensor) -> int:
 # at 500; with 2,048 columns MKL was level at 100 rows and faster at 300-500); A B from 2 rows to 64.
 NT_ROWS = range(4, 65)
 NT_WIDE_MAX_K = 1024
+# Past 64 rows, a weight of more columns than that (the kernel then takes X 64 rows at a time) only from
+# this many elements: W_z (2,048 × 2,048) ran at 145-177 GFLOP/s against MKL's 125-154 at 80-500 rows;
+# L_z (512 × 2,048) was level with MKL (seventeenth session).
+NT_WIDE_MIN_WEIGHT = 1 << 22
 NN_ROWS = range(2, 65)
 # And only for weights of at least this many elements (2 MB in float32), which come from memory at
 # every word: at the demo's sizes (64 K–300 K elements, one thread) MKL was as fast or faster.
@@ -164,7 +168,7 @@ def nt_takes(rows: int, weight: Tensor) -> bool:
     """Whether ``matmul_nt`` computes ``rows`` rows times ``weight``ᵀ (N, K) in the kernel."""
     if weight.numel() < MIN_WEIGHT or rows < NT_ROWS.start:
         return False
-    return rows in NT_ROWS or weight.shape[1] <= NT_WIDE_MAX_K
+    return rows in NT_ROWS or weight.shape[1] <= NT_WIDE_MAX_K or weight.numel() >= NT_WIDE_MIN_WEIGHT
 
 
 def nn_takes(rows: int, b: Tensor) -> bool:
