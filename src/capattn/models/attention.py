@@ -75,9 +75,10 @@ class SoftAttention(nn.Module):
             energy = self.score(torch.tanh(keys.unsqueeze(1) + q)).squeeze(-1)  # (B, K, L, A) → (B, K, L)
         alpha = energy.softmax(dim=-1)  # (B, K, L)
         # Per image, the grid is read once for all its K hypotheses: one (K × L) @ (L × D) product.
-        # For beams the fused kernel does it faster than MKL's bmm (100 images × 196 × 2048 at K = 5:
-        # 7.7 ms against 11.9); for one row per image they are level (3.6 ms), so bmm keeps that case.
-        if k > 1 and cpu_decoding and native.usable(alpha, grid):
+        # The fused kernel does it faster than MKL's bmm: 100 images × 196 × 2048 at K = 5, 7.7 ms
+        # against 11.9; at K = 1 (greedy), 5.2-6.0 against 5.6-6.6 on the 2-core AMD EPYC (seventeenth
+        # session; level on the Intel Xeon of the fifth, where bmm kept that case).
+        if cpu_decoding and native.usable(alpha, grid):
             context = native.context(grid, alpha)  # (B, K, D)
         else:
             context = torch.bmm(alpha, grid)  # (B, K, D)
