@@ -72,13 +72,13 @@ def quick_rows(rows: tuple[int, ...]) -> tuple[int, ...]:
 @contextlib.contextmanager
 def every_size():
     """The kernels take any row count and weight size (to time them where capattn would not)."""
-    saved = native.NT_ROWS, native.NN_ROWS, native.MIN_WEIGHT
-    native.NT_ROWS = native.NN_ROWS = range(1, 1 << 30)
+    saved = native.NT_MIN_ROWS, native.NN_ROWS, native.MIN_WEIGHT
+    native.NT_MIN_ROWS, native.NN_ROWS = 1, range(1, 1 << 30)
     native.MIN_WEIGHT = 0
     try:
         yield
     finally:
-        native.NT_ROWS, native.NN_ROWS, native.MIN_WEIGHT = saved
+        native.NT_MIN_ROWS, native.NN_ROWS, native.MIN_WEIGHT = saved
 
 
 def timed_pair(kind: str, rows: int, n: int, k: int):
@@ -162,9 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(H = A = E = {HIDDEN}, V = {VOCAB:,}), alone: torch's matmul (MKL) against capattn's kernels "
         f"(native.matmul_nt / matmul_nn), median of {repeats} interleaved repeats of {CALLS} products; "
         f"{load_note()}; measured matmul peak {peak:.0f} GFLOP/s (2048² fp32). capattn takes the kernel "
-        f"(native.nt_takes, nn_takes) for x Wᵀ from {native.NT_ROWS.start} to {native.NT_ROWS.stop - 1} rows, and "
-        f"past that for weights of at most {native.NT_WIDE_MAX_K:,} columns or of {native.NT_WIDE_MIN_WEIGHT:,} "
-        f"elements or more (then 64 rows of x at a time); for A B from {native.NN_ROWS.start} "
+        f"(native.nt_takes, nn_takes) for x Wᵀ from {native.NT_MIN_ROWS} rows; for A B from {native.NN_ROWS.start} "
         f"to {native.NN_ROWS.stop - 1} rows; weights of {native.MIN_WEIGHT:,} elements or more. Timed here at "
         f"every row count.\n\n{table}\n"
     )

@@ -168,7 +168,7 @@ def test_small_matmuls_match_the_float64_product(build, rows):
         assert not native.matmul_nn(a, b, torch.empty(rows, k))
     assert torch.equal(out, before)
     nt = native.matmul_nt(x, weight, out, bias=bias)
-    assert nt == native.nt_takes(rows, weight) == (rows >= native.NT_ROWS.start)  # k ≤ NT_WIDE_MAX_K
+    assert nt == native.nt_takes(rows, weight) == (rows >= native.NT_MIN_ROWS)
     if nt:
         _close_to_float64(out, bias.double() + x.double() @ weight.double().t(), k)
         out.copy_(before)
@@ -189,18 +189,15 @@ def test_small_matmuls_match_the_float64_product(build, rows):
         assert torch.equal(c, before)
 
 
-@pytest.mark.parametrize("rows", [65, 80, 100, 150])
-def test_matmul_nt_takes_wide_weights_64_rows_at_a_time(build, rows, monkeypatch):
-    """Past 64 rows a weight of more than NT_WIDE_MAX_K columns (W_z) goes through X in parts of 64
-    rows, the last of 1, 16, 36 or 22 here: every part's sums match float64, with bias and accumulate."""
+@pytest.mark.parametrize(("rows", "k"), [(65, 1101), (80, 1101), (100, 1101), (150, 1101), (1100, 1024), (2100, 1000)])
+def test_matmul_nt_goes_through_x_in_parts(build, rows, k):
+    """Many rows go through in parts whose packing stays in cache, W read once per part: of 64 rows
+    past 1,024 columns (the last part of 1, 16, 36 or 22 rows here), else of up to 4 MB (1,024 rows
+    of 1,024; 1,024 + 1,024 + 52 of 1,000). Every part's sums match float64, with bias and accumulate."""
     if build == "portable":
         pytest.skip("built without AVX-512: the small-matmul kernels are not offered")
-    n, k = 29, native.NT_WIDE_MAX_K + 77
-    x, weight, _, _, bias, out = _small_matmul_operands(rows, n, k, seed=rows)
+    x, weight, _, _, bias, out = _small_matmul_operands(rows, 29, k, seed=rows)
     before = out.clone()
-    assert not native.matmul_nt(x, weight, out, bias=bias)  # a small weight: torch's matmul (L_z was level)
-    assert torch.equal(out, before)
-    monkeypatch.setattr(native, "NT_WIDE_MIN_WEIGHT", weight.numel())
     assert native.matmul_nt(x, weight, out, bias=bias)
     _close_to_float64(out, bias.double() + x.double() @ weight.double().t(), k)
     out.copy_(before)
@@ -238,10 +235,8 @@ def test_small_matmuls_refuse_operands_that_do_not_fit(kernels):
         native.matmul_nt(x, torch.randn(16, 10).t(), torch.empty(8, 10))
     with pytest.raises(ValueError, match="CPU float32"):
         native.matmul_nn(x.double(), weight.t(), torch.empty(8, 10))
-    # past 64 rows, narrow weights (decoding's output layer) and W_z, where MKL was slower; not L_z
-    assert native.nt_takes(100, torch.empty(10, 512)) and not native.nt_takes(100, torch.empty(10, 2048))
-    assert native.nt_takes(500, torch.empty(2048, 2048)) and not native.nt_takes(500, torch.empty(512, 2048))
-    assert native.nt_takes(64, torch.empty(10, 2048))
+    # from 4 rows at any number (decoding's 100-500, the keys' projection), not 1-3, where MKL was as fast
+    assert native.nt_takes(19600, torch.empty(10, 2048)) and not native.nt_takes(3, torch.empty(10, 2048))
     # the loop asks first, and keeps torch's matmul for a layout the kernels do not take
     assert native.small_matmuls(x, weight) and not native.small_matmuls(x, weight.t())
 

@@ -421,6 +421,46 @@ static inline __attribute__((always_inline)) void nt_tile(const float *W, long l
 #endif
 
 #if defined(__AVX512F__)
+/* r[j] <- column j of the 16 x 16 matrix whose rows are r[0..15] (lane i: row i). */
+static inline __attribute__((always_inline)) void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+        const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++) {
+            t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+            t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+        r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+    }
+}
+
+/* dst[k * bw + r] = X[r, k] for k in k0 .. k0+kn-1 (kn <= 16) and r < m, 0 for m <= r < bw: 16 x 16
+ * blocks transposed in registers (the scalar copy it replaces was a fifth of the product's time where
+ * X has 64 rows of 2,048 and W 512 rows, as L_z and the attention keys' projection). */
+static inline void nt_pack16(const float *X, long ldx, long m, long k0, long kn, long bw, float *dst) {
+    const __mmask16 cols = columns_left(kn);
+    for (long g = 0; g < bw; g += 16) {
+        __m512 r[16];
+        for (int i = 0; i < 16; i++)
+            r[i] = g + i < m ? _mm512_maskz_loadu_ps(cols, X + (g + i) * ldx + k0) : _mm512_setzero_ps();
+        transpose16(r);
+        for (long j = 0; j < kn; j++) _mm512_store_ps(dst + (k0 + j) * bw + g, r[j]);
+    }
+}
+
 /* C[:M] (+)= X[:M] . W^T for one part of X's rows, with `packed` room for them (see below). */
 static void nt_part(const float *X, long ldx, const float *W, long ldw, float *C, long ldc, const float *bias, long M,
                     long N, long K, int mode, float *packed) {
@@ -433,13 +473,10 @@ static void nt_part(const float *X, long ldx, const float *W, long ldw, float *C
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-        for (long k = 0; k < K; k++)
+        for (long k0 = 0; k0 < K; k0 += 16)
             for (long b = 0; b < blocks; b++) {
-                const long r0 = b * block, m = M - r0 < block ? M - r0 : block, bw = 16 * NT_NB(m);
-                float *dst = packed + b * K * width + k * bw;
-                long r = 0;
-                for (; r < m; r++) dst[r] = X[(r0 + r) * ldx + k];
-                for (; r < bw; r++) dst[r] = 0.0f;
+                const long r0 = b * block, m = M - r0 < block ? M - r0 : block;
+                nt_pack16(X + r0 * ldx, ldx, m, k0, K - k0 < 16 ? K - k0 : 16, 16 * NT_NB(m), packed + b * K * width);
             }
 #pragma omp for schedule(static)
         for (long t = 0; t < tiles; t++) {
@@ -466,32 +503,31 @@ static void nt_part(const float *X, long ldx, const float *W, long ldw, float *C
 }
 #endif
 
-#define NT_PART_ROWS 64
-#define NT_PART_MIN_K 1025
+#define NT_PART_FLOATS (1L << 20) /* 4 MB of packed X */
 
 /* C (M, N) (+)= X (M, K) . W^T, W (N, K), for the loop's forward (W: W_z or W_r, one row per output
  * column) and decoding's step. Computed as C^T = W X^T so that the weight is the broadcast operand,
- * read once row by row, and the rows of X are the packed one (K x 16, 32 or 64, made once and
- * shared by the threads): tiles of 12 rows of W by 16 or 32 rows of X (6 by 64 for 33-64 rows). Past
- * 64 rows, X is packed in blocks of 32 rows (the last of at most 16 rows, 16 wide) and each tile of W
- * is multiplied by every block while it is in cache. Where W has more than 1,024 columns (W_z and
- * L_z, 2,048), 32-row blocks ran at 104-130 GFLOP/s, below MKL at some row counts: all of X packed,
- * 2,048 x 128 floats at 128 rows, does not stay in a 1 MB L2. There, X goes in parts of 64 rows one
- * after another, each packed (512 KB) and multiplied by all of W, which is read once per part (W_z at
- * 100-500 rows: 150-190 GFLOP/s). Returns 0, 1 where memory ran out, -1 where not built (no AVX-512). */
+ * read once row by row, and the rows of X are the packed one (K x 16, 32 or 64, shared by the
+ * threads): tiles of 12 rows of W by 16 or 32 rows of X (6 by 64 for 33-64 rows). Past 64 rows, X
+ * is packed in blocks of 32 rows (the last of at most 16 rows, 16 wide) and each tile of W is
+ * multiplied by every block while it is in cache. X goes through in parts, W read once per part:
+ * of 64 rows (one block) where X has more than 1,024 columns, so that its packing (512 KB) stays in
+ * L2 (with all of X packed at once, W_z ran at 104-130 GFLOP/s past 64 rows, level with MKL; so, at
+ * 145-196); else of up to 4 MB of packed X (19,600 rows of 512, all packed at once, ran at 97-114
+ * GFLOP/s; in parts of 2,048 rows, at 164-203). Returns 0, 1 where memory ran out, -1 where not
+ * built (no AVX-512). */
 int capattn_matmul_nt(const float *X, long ldx, const float *W, long ldw, float *C, long ldc, const float *bias,
                       long M, long N, long K, int mode) {
 #if defined(__AVX512F__)
-    const int parts = M > NT_PART_ROWS && K >= NT_PART_MIN_K;
-    const long room = parts ? NT_PART_ROWS : (M > 64 ? (M + 31) / 32 * 32 : (M <= 16 ? 16 : (M <= 32 ? 32 : 64)));
+    long part = K > 1024 ? 64 : NT_PART_FLOATS / K / 32 * 32;
+    part = M <= 64 ? M : (part < 64 ? 64 : (part > M ? M : part));
+    const long room = part > 64 ? (part + 31) / 32 * 32 : (part <= 16 ? 16 : (part <= 32 ? 32 : 64));
     float *packed = aligned_alloc(64, sizeof(float) * (size_t)(K * room));
     if (!packed) return 1;
-    if (!parts) nt_part(X, ldx, W, ldw, C, ldc, bias, M, N, K, mode, packed);
-    else
-        for (long r0 = 0; r0 < M; r0 += NT_PART_ROWS) {
-            const long m = M - r0 < NT_PART_ROWS ? M - r0 : NT_PART_ROWS;
-            nt_part(X + r0 * ldx, ldx, W, ldw, C + r0 * ldc, ldc, bias, m, N, K, mode, packed);
-        }
+    for (long r0 = 0; r0 < M; r0 += part) {
+        const long m = M - r0 < part ? M - r0 : part;
+        nt_part(X + r0 * ldx, ldx, W, ldw, C + r0 * ldc, ldc, bias, m, N, K, mode, packed);
+    }
     free(packed);
     return 0;
 #else

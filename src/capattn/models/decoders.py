@@ -95,6 +95,17 @@ def _decoding_matmul(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor | None:
     return out
 
 
+def _decoding_linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """``layer(x)`` for x (…, in), in capattn's matmul kernel where it pays (``_decoding_matmul``):
+    the attention keys' projection (19,600 × 2048 by 2048 × 512 for 100 images: 215 against 300 ms)
+    and L_z ẑ_t at every word (RESULTS.md, seventeenth session)."""
+    if layer.bias is not None:
+        out = _decoding_matmul(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias)
+        if out is not None:
+            return out.view(*x.shape[:-1], out.shape[-1])
+    return layer(x)
+
+
 def _versions(tensors) -> tuple[Any, ...]:
     """What identifies the values of ``tensors`` for a cache built from them: storage, in-place
     version, dtype and device. (Not every in-place update counts: torch's fused Adam does not bump
@@ -667,7 +678,7 @@ class ShowAttendTellDecoder(CaptionDecoder):
             # Cast once, not at every word: under autocast each step's bmm(α, grid) would cast the
             # whole (b, L, D) grid again (at B=1024, 196×2048 on an H200, more traffic than the bmm).
             grid = grid.to(torch.get_autocast_dtype(grid.device.type))
-        keys = self.attention.project_keys(grid)
+        keys = _decoding_linear(self.attention.key_proj, grid)  # = self.attention.project_keys(grid)
         if self.compile_step:  # inputs of one kind, so the compiled step is not traced again for views
             grid, keys = _owning(grid), _owning(keys)
         return AttentionMemory(grid=grid, keys=keys)
@@ -742,7 +753,7 @@ class ShowAttendTellDecoder(CaptionDecoder):
         """Eq. 7's deep output L_o(E y_{t−1} + L_h h_t + L_z ẑ_t) for any number of rows: (N, V)."""
         if self.L_h is None:
             return self._L_o_folded(self.L_o, self.dropout(h))
-        return self._L_o_folded(self.L_o, self.dropout(emb + self.L_h(h) + self.L_z(context)))
+        return self._L_o_folded(self.L_o, self.dropout(emb + self.L_h(h) + _decoding_linear(self.L_z, context)))
 
     def step(self, tokens: Tensor, state: tuple[Tensor, Tensor], mem: AttentionMemory) -> StepOutput:
         if not self.compile_step:

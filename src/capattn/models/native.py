@@ -148,16 +148,11 @@ def _ptr(t: Tensor) -> int:
 
 
 # Where the small-matmul kernels beat torch's (MKL's) matmul, measured at the paper's sizes on the
-# 2-core AMD EPYC (benchmarks/RESULTS.md, sixteenth session; bench_matmul.py): x Wᵀ from 4 rows (below,
-# MKL's was as fast or faster) to 64, and past 64 rows (decoding's 100-500) for weights of at most
-# NT_WIDE_MAX_K columns (the output layer's 512: 6.9 against 10.7 ms at 100 rows, 26.9 against 33.9
-# at 500; with 2,048 columns MKL was level at 100 rows and faster at 300-500); A B from 2 rows to 64.
-NT_ROWS = range(4, 65)
-NT_WIDE_MAX_K = 1024
-# Past 64 rows, a weight of more columns than that (the kernel then takes X 64 rows at a time) only from
-# this many elements: W_z (2,048 × 2,048) ran at 145-177 GFLOP/s against MKL's 125-154 at 80-500 rows;
-# L_z (512 × 2,048) was level with MKL (seventeenth session).
-NT_WIDE_MIN_WEIGHT = 1 << 22
+# 2-core AMD EPYC (benchmarks/RESULTS.md, sixteenth and seventeenth sessions; bench_matmul.py): x Wᵀ
+# from 4 rows (below, MKL's was as fast or faster) at any number of rows: the training loop's 4-64,
+# decoding's 100-500 (W_z 1.2-1.6×, the output layer 1.2-1.8×, L_z 1.0-1.3× MKL's speed) and the
+# attention keys' projection (19,600 rows for 100 images: 215 against 300 ms); A B from 2 rows to 64.
+NT_MIN_ROWS = 4
 NN_ROWS = range(2, 65)
 # And only for weights of at least this many elements (2 MB in float32), which come from memory at
 # every word: at the demo's sizes (64 K–300 K elements, one thread) MKL was as fast or faster.
@@ -166,9 +161,7 @@ MIN_WEIGHT = 1 << 19
 
 def nt_takes(rows: int, weight: Tensor) -> bool:
     """Whether ``matmul_nt`` computes ``rows`` rows times ``weight``ᵀ (N, K) in the kernel."""
-    if weight.numel() < MIN_WEIGHT or rows < NT_ROWS.start:
-        return False
-    return rows in NT_ROWS or weight.shape[1] <= NT_WIDE_MAX_K or weight.numel() >= NT_WIDE_MIN_WEIGHT
+    return rows >= NT_MIN_ROWS and weight.numel() >= MIN_WEIGHT
 
 
 def nn_takes(rows: int, b: Tensor) -> bool:
