@@ -1,15 +1,17 @@
 """The per-word matmuls of training and decoding: torch's matmul (MKL) against capattn's kernels.
 
-    .venv/bin/python benchmarks/bench_matmul.py            # paper sizes, 1-64 rows (training), 100-500 (decoding)
+    .venv/bin/python benchmarks/bench_matmul.py            # paper sizes: 1-64 rows (training), 100-500 (decoding)
     .venv/bin/python benchmarks/bench_matmul.py --quick    # a few row counts, for the test suite
 
 At each word, Show, Attend and Tell's teacher-forced loop multiplies the b captions still running
 (b ≤ the batch, shrinking) by the same weights: forward z W_zᵀ (W_z 4H × D) and h W_rᵀ (W_r
 (A + 1 + 4H) × H), backward their transposes. A decoding step multiplies its hypotheses (100-500
-rows for 100 images) by W_r, W_z and the deep output layer's L_z (E × D) and L_o (V × E). This times each product alone
-at the paper's sizes (H = A = E = 512, D = 2048 and 512, V = 10,000), in torch's matmul and in
-``native.matmul_nt`` / ``matmul_nn`` (CPU, built with AVX-512), interleaved in one process. The last
-column says whether capattn takes the kernel for that product (``native.nt_takes``, ``nn_takes``).
+rows for 100 images) by W_r, W_z and the deep output layer's L_z (E × D) and L_o (V × E); a search
+(or a training batch) first projects the grid's rows to attention keys (W_a, A × D). This times
+each product alone at the paper's sizes (H = A = E = 512, D = 2048 and 512, V = 10,000), in torch's
+matmul and in ``native.matmul_nt`` / ``matmul_nn`` (CPU, built with AVX-512), interleaved in one
+process. The last column says whether capattn takes the kernel for that product (``native.nt_takes``,
+``nn_takes``).
 Prints a table and appends it to RESULTS.md.
 """
 
@@ -41,6 +43,7 @@ HIDDEN = 512  # H = A = E, the paper's sizes
 VOCAB = 10_000
 ROWS = (1, 2, 4, 8, 16, 24, 32, 48, 64)  # training: the captions still running
 DECODING_ROWS = (100, 300, 500)  # decoding 100 images: greedy, beam 3, beam 5
+KEY_ROWS = (1_960, 19_600)  # 196 grid locations of 10 and 100 images
 CALLS = 10  # products per timed call: one takes 0.05-35 ms
 
 
@@ -60,6 +63,8 @@ def products(feature_dim: int) -> list[tuple[str, str, int, int, tuple[int, ...]
             ("decoding, z W_zᵀ", "nt", gates, feature_dim, DECODING_ROWS),
             ("decoding, deep output z L_zᵀ", "nt", HIDDEN, feature_dim, DECODING_ROWS),
             ("decoding, output layer x L_oᵀ", "nt", VOCAB, HIDDEN, DECODING_ROWS),
+            # once per search (and per training batch: 6,272 rows at B=32), the grid's rows by W_a
+            ("attention keys' projection, grid W_aᵀ (10 and 100 images)", "nt", HIDDEN, feature_dim, KEY_ROWS),
         ]
     return out
 
