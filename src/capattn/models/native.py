@@ -9,7 +9,8 @@ per word of a beam-5 search over 100 images, against PyTorch: the energy 15 → 
 context 10.3 → 8 ms, the top-k 3.1 → 0.9 ms (README, "Speed"). And where built with AVX-512, the
 per-word matmuls where MKL runs far below its peak (``matmul_nt``, ``matmul_nn``; ``nt_takes`` and
 ``nn_takes`` say where): the training loop's products of the 4–64 captions still running, by the
-same weights at every word, and a decoding step's recurrent matmul, z W_zᵀ and output layer.
+same weights at every word; a decoding step's W_r, W_z, L_z and output layer at any number of
+hypotheses; the attention keys' projection; and the forward of training's L_z and output layer.
 
 The first process that needs them compiles the C file with the system compiler (``$CC``, else
 ``cc``; about a second) into ``$CAPATTN_CACHE_DIR`` (default ``~/.cache/capattn``), under a name
@@ -150,7 +151,7 @@ def _ptr(t: Tensor) -> int:
 # Where the small-matmul kernels beat torch's (MKL's) matmul, measured at the paper's sizes on the
 # 2-core AMD EPYC (benchmarks/RESULTS.md, sixteenth and seventeenth sessions; bench_matmul.py): x Wᵀ
 # from 4 rows (below, MKL's was as fast or faster) at any number of rows: the training loop's 4-64,
-# decoding's 100-500 (W_z 1.2-1.6×, the output layer 1.2-1.8×, L_z 1.0-1.3× MKL's speed) and the
+# decoding's 100-500 (W_z 1.1-1.6×, the output layer 1.2-1.8×, L_z 0.9-1.3× MKL's speed) and the
 # attention keys' projection (19,600 rows for 100 images: 215 against 300 ms); A B from 2 rows to 64.
 NT_MIN_ROWS = 4
 NN_ROWS = range(2, 65)
