@@ -205,7 +205,11 @@ class _WordGates:
         new = tokens[~self._known[tokens]]
         if new.numel():
             new = new.unique()
-            self._rows[new] = embedding[new] @ w_e.t()
+            x = embedding[new]
+            rows = x.new_empty(x.shape[0], w_e.shape[0])
+            if not (native.small_matmuls(x, w_e) and native.matmul_nt(x, w_e, rows)):  # capattn's kernel where it pays
+                torch.mm(x, w_e.t(), out=rows)
+            self._rows[new] = rows
             self._known[new] = True
         gates.add_(self._rows.index_select(0, tokens))
 
