@@ -38,8 +38,9 @@ class SoftAttention(nn.Module):
         self.score = nn.Linear(attention_dim, 1)
 
     def project_keys(self, grid: Tensor) -> Tensor:
-        """(B, L, D) annotation vectors → (B, L, A) keys."""
-        return self.key_proj(grid)
+        """(B, L, D) annotation vectors → (B, L, A) keys (on a CPU, in capattn's matmul kernel where it
+        pays: ``native.linear``)."""
+        return native.linear(self.key_proj, grid)
 
     def attend(self, keys: Tensor, grid: Tensor, query: Tensor, starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Attends with projected queries, K of them per image (image-major rows).

@@ -82,59 +82,6 @@ def _cpu_decoding(x: Tensor) -> bool:
     )
 
 
-def _decoding_matmul(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor | None:
-    """``x weightᵀ + bias`` in capattn's matmul kernel (``native.matmul_nt``) where it pays for a
-    decoding step on a CPU (e.g. the output layer's 10,000 × 512 weight at 100–500 rows: 6.7 against
-    9.1 ms, 28 against 35; RESULTS.md, sixteenth session); None where it does not (use torch's)."""
-    if not (x.dim() == 2 and _cpu_decoding(x) and native.small_matmuls(x, weight, bias)):
-        return None
-    if not native.nt_takes(x.shape[0], weight):  # asked first: no output allocated for nothing
-        return None
-    out = x.new_empty(x.shape[0], weight.shape[0])
-    native.matmul_nt(x, weight, out, bias=bias)
-    return out
-
-
-class _KernelLinear(torch.autograd.Function):
-    """``x weightᵀ + bias`` with its forward in capattn's matmul kernel (``native.matmul_nt``) and
-    its backward as ``nn.Linear``'s (MKL's matmuls): for training's layers over many rows."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:  # type: ignore[override]
-        out = x.new_empty(x.shape[0], weight.shape[0])
-        native.matmul_nt(x, weight, out, bias=bias)
-        ctx.save_for_backward(x, weight)
-        return out
-
-    @staticmethod
-    def backward(ctx, d_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        d_x = d_out @ weight if ctx.needs_input_grad[0] else None
-        d_weight = d_out.t() @ x if ctx.needs_input_grad[1] else None
-        d_bias = d_out.sum(0) if ctx.needs_input_grad[2] else None
-        return d_x, d_weight, d_bias
-
-
-def _kernel_linear(layer: nn.Linear, x: Tensor) -> Tensor:
-    """``layer(x)`` for x (…, in), its forward in capattn's matmul kernel where it pays (CPU float32,
-    no autocast or compile, ``native.nt_takes``), with or without autograd: the attention keys'
-    projection (100 images, 19,600 × 2048 by 2048 × 512: 215 against 300 ms; a training batch of 32,
-    6,272 rows: 201 against 166 GFLOP/s), L_z ẑ_t and the output layer L_o over a batch's positions
-    (RESULTS.md, seventeenth session). Elsewhere ``layer(x)``."""
-    weight, bias = layer.weight, layer.bias
-    if bias is None or torch.is_autocast_enabled(x.device.type) or not native.small_matmuls(x, weight, bias):
-        return layer(x)
-    rows = x.reshape(-1, x.shape[-1])
-    if not (native.nt_takes(rows.shape[0], weight) and native.small_matmuls(rows)):
-        return layer(x)
-    if not torch.is_grad_enabled():
-        out = rows.new_empty(rows.shape[0], weight.shape[0])
-        native.matmul_nt(rows, weight, out, bias=bias)
-    else:
-        out = _KernelLinear.apply(rows, weight, bias)
-    return out.view(*x.shape[:-1], weight.shape[0])
-
-
 def _versions(tensors) -> tuple[Any, ...]:
     """What identifies the values of ``tensors`` for a cache built from them: storage, in-place
     version, dtype and device. (Not every in-place update counts: torch's fused Adam does not bump
@@ -152,7 +99,7 @@ class _FoldedLinear:
     differ from ``layer(x)`` only in rounding (the bias is added inside the matmul's accumulation).
     Used only without autograd or autocast, on a CPU (a GPU's matmul adds the bias in its epilogue);
     ``clear`` at the start of every search, like ``ShowAttendTellDecoder._recurrent_weights``. Where
-    capattn's matmul kernel takes the product (``_decoding_matmul``), it adds the bias itself.
+    capattn's matmul kernel takes the product (``native.addmm``), it adds the bias itself.
     """
 
     def __init__(self) -> None:
@@ -164,9 +111,9 @@ class _FoldedLinear:
 
     def __call__(self, layer: nn.Linear, x: Tensor) -> Tensor:
         if layer.bias is None or not _cpu_decoding(x):
-            return _kernel_linear(layer, x)  # training: the forward in capattn's kernel where it pays
+            return native.linear(layer, x)  # training: the forward in capattn's kernel where it pays
         w, b = layer.weight, layer.bias
-        out = _decoding_matmul(x, w, b)  # the bias inside capattn's kernel, where it pays
+        out = native.addmm(x, w, b)  # the bias inside capattn's kernel, where it pays
         if out is not None:
             return out
         key = _versions((w, b))
@@ -711,7 +658,7 @@ class ShowAttendTellDecoder(CaptionDecoder):
             # Cast once, not at every word: under autocast each step's bmm(α, grid) would cast the
             # whole (b, L, D) grid again (at B=1024, 196×2048 on an H200, more traffic than the bmm).
             grid = grid.to(torch.get_autocast_dtype(grid.device.type))
-        keys = _kernel_linear(self.attention.key_proj, grid)  # = self.attention.project_keys(grid)
+        keys = self.attention.project_keys(grid)
         if self.compile_step:  # inputs of one kind, so the compiled step is not traced again for views
             grid, keys = _owning(grid), _owning(keys)
         return AttentionMemory(grid=grid, keys=keys)
@@ -786,7 +733,7 @@ class ShowAttendTellDecoder(CaptionDecoder):
         """Eq. 7's deep output L_o(E y_{t−1} + L_h h_t + L_z ẑ_t) for any number of rows: (N, V)."""
         if self.L_h is None:
             return self._L_o_folded(self.L_o, self.dropout(h))
-        return self._L_o_folded(self.L_o, self.dropout(emb + self.L_h(h) + _kernel_linear(self.L_z, context)))
+        return self._L_o_folded(self.L_o, self.dropout(emb + self.L_h(h) + native.linear(self.L_z, context)))
 
     def step(self, tokens: Tensor, state: tuple[Tensor, Tensor], mem: AttentionMemory) -> StepOutput:
         if not self.compile_step:
@@ -812,7 +759,7 @@ class ShowAttendTellDecoder(CaptionDecoder):
     def _step(self, tokens: Tensor, state: tuple[Tensor, Tensor], mem: AttentionMemory) -> StepOutput:
         h, c = state  # (B*K, H): K hypotheses per image of ``mem`` (K = 1 outside beam search)
         weight, bias = self._recurrent_weights(input_bias=True)
-        fused = _decoding_matmul(h, weight, bias)
+        fused = native.addmm(h, weight, bias)
         context, alpha, gates_h = self._attend(
             torch.addmm(bias, h, weight.t()) if fused is None else fused,
             lambda query: self.attention.attend(mem.keys, mem.grid, query, mem.starts),
@@ -872,8 +819,7 @@ class ShowAttendTellDecoder(CaptionDecoder):
 
         training = torch.is_grad_enabled()  # the hand-written loop; without autograd, ``_plain_loop``
         if training:  # the grid as given, even under autocast (``prepare`` casts it for decoding's words)
-            keys = _kernel_linear(self.attention.key_proj, enc.grid)  # once per image; = attention.project_keys
-            mem = AttentionMemory(grid=enc.grid, keys=keys)
+            mem = AttentionMemory(grid=enc.grid, keys=self.attention.project_keys(enc.grid))  # once per image
         else:
             mem = self.prepare(enc)
         if image_index is not None:  # several captions per image: a row of grid and keys per caption

@@ -243,6 +243,60 @@ def matmul_nn(a: Tensor, b: Tensor, out: Tensor, *, accumulate: bool = False) ->
     return True
 
 
+def _linear_takes(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether x (…, K) weightᵀ + bias runs in ``matmul_nt``: CPU float32, no autocast or compile,
+    the kernels built with AVX-512, and where the kernel pays (``nt_takes``)."""
+    if bias is None or torch.is_autocast_enabled(x.device.type) or not small_matmuls(x, weight, bias):
+        return False
+    return nt_takes(x.numel() // max(x.shape[-1], 1), weight)
+
+
+def _addmm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    matmul_nt(x, weight, out, bias=bias)
+    return out
+
+
+class _Linear(torch.autograd.Function):
+    """``x weightᵀ + bias``, its forward in ``matmul_nt`` and its backward as ``nn.Linear``'s (torch's
+    matmuls)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        return _addmm(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        d_x = d_out @ weight if ctx.needs_input_grad[0] else None
+        d_weight = d_out.t() @ x if ctx.needs_input_grad[1] else None
+        d_bias = d_out.sum(0) if ctx.needs_input_grad[2] else None
+        return d_x, d_weight, d_bias
+
+
+def linear(layer: torch.nn.Linear, x: Tensor) -> Tensor:
+    """``layer(x)`` for x (…, in), its forward in ``matmul_nt`` where it pays, with or without autograd
+    (the backward is nn.Linear's); elsewhere ``layer(x)``. The attention keys' projection (100 images,
+    19,600 × 2048 by 2048 × 512: 215 against 300 ms; a training batch of 32, 6,272 rows: 201 against
+    166 GFLOP/s), L_z ẑ_t and the output layer over a batch's positions (RESULTS.md, seventeenth session)."""
+    weight, bias = layer.weight, layer.bias
+    if not _linear_takes(x, weight, bias):
+        return layer(x)
+    rows = x.reshape(-1, x.shape[-1])
+    out = _Linear.apply(rows, weight, bias) if torch.is_grad_enabled() else _addmm(rows, weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def addmm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor | None:
+    """``x weightᵀ + bias`` for a matrix x, in ``matmul_nt`` where it pays, without autograd (a decoding
+    step's products, e.g. the output layer's 10,000 × 512 weight at 100–500 rows: 6.7 against 9.1 ms,
+    28 against 35; RESULTS.md, sixteenth session); None elsewhere (use torch's)."""
+    if torch.is_grad_enabled() or x.dim() != 2 or not _linear_takes(x, weight, bias):
+        return None
+    return _addmm(x, weight, bias)
+
+
 def _per_image(memory: Tensor, rows: Tensor, starts: Tensor | None, width: int) -> tuple[int, Tensor, int | None]:
     """K, an empty output and the offsets' pointer for the kernels, after checking ``starts``.
 
