@@ -205,6 +205,22 @@ def test_matmul_nt_goes_through_x_in_parts(build, rows, k):
     _close_to_float64(out, before.double() + x.double() @ weight.double().t(), k)
 
 
+@pytest.mark.parametrize(("rows", "depth", "width"), [(2, 128, 70), (7, 129, 130), (33, 300, 64), (64, 2561, 150)])
+def test_matmul_nn_sums_over_blocks_of_b_rows(build, rows, depth, width):
+    """A B goes through B's rows in blocks of 128, each block adding to C: one whole block, a block
+    and one row, 2 blocks and 44 rows, W_r's 2,561 rows (20 blocks and 1); B a view of a wider
+    matrix, as W_z is of the LSTM's W_ih. Sums match float64, with and without accumulate."""
+    if build == "portable":
+        pytest.skip("built without AVX-512: the small-matmul kernels are not offered")
+    _, _, a, b, _, _ = _small_matmul_operands(rows, depth, width, seed=depth)
+    c = torch.randn(rows, width + 2)[:, 1 : 1 + width]
+    before = c.clone()
+    assert native.matmul_nn(a, b, c, accumulate=True)
+    _close_to_float64(c, before.double() + a.double() @ b.double(), depth)
+    assert native.matmul_nn(a, b, c)
+    _close_to_float64(c, a.double() @ b.double(), depth)
+
+
 def test_small_matmuls_give_the_same_result_on_any_number_of_threads(build):
     """Each output is summed in one fixed order by one thread: a run is repeatable bit for bit."""
     if build == "portable":

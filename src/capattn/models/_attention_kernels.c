@@ -303,28 +303,29 @@ int capattn_small_matmul_available(void) {
 #define NN_ROWS 6     /* rows of A per tile */
 #define NN_VECS 4     /* vectors of 16 columns of B per tile: a 64-column panel */
 #define NN_COLS (16 * NN_VECS)
-#define NN_DEPTH 128  /* rows of B per packed block: 32 KB per panel, one core's L1 */
+#define NN_DEPTH 128  /* rows of B per block: a panel's block is 32 KB, read by every tile of A's rows */
 
 static inline __mmask16 columns_left(long left) {
     return left >= 16 ? (__mmask16)0xFFFF : (left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1));
 }
 
-/* C[:rows, :64] (+)= A[:rows, k0:k0+kn] . packed (kn x 64); the first block starts from 0, C or bias. */
-static inline __attribute__((always_inline)) void nn_tile(const float *A, long lda, const float *packed, float *C,
-                                                          long ldc, const float *bias, int mode, int rows, long k0,
+/* C[:rows, :64] (+)= A[:rows, :kn] . B[:kn, :64], B's rows ldb apart; the first block of B's rows
+ * starts from 0, C or bias (mode), the later ones add to C. */
+static inline __attribute__((always_inline)) void nn_tile(const float *A, long lda, const float *B, long ldb,
+                                                          float *C, long ldc, const float *bias, int mode, int rows,
                                                           long kn, const __mmask16 *mask) {
     __m512 acc[NN_ROWS][NN_VECS];
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < NN_VECS; j++) {
-            if (k0 > 0 || mode == 1) acc[i][j] = _mm512_maskz_loadu_ps(mask[j], C + i * ldc + 16 * j);
+            if (mode == 1) acc[i][j] = _mm512_maskz_loadu_ps(mask[j], C + i * ldc + 16 * j);
             else if (mode == 2) acc[i][j] = _mm512_maskz_loadu_ps(mask[j], bias + 16 * j);
             else acc[i][j] = _mm512_setzero_ps();
         }
     for (long k = 0; k < kn; k++) {
         __m512 bv[NN_VECS];
-        for (int j = 0; j < NN_VECS; j++) bv[j] = _mm512_load_ps(packed + k * NN_COLS + 16 * j);
+        for (int j = 0; j < NN_VECS; j++) bv[j] = _mm512_maskz_loadu_ps(mask[j], B + k * ldb + 16 * j);
         for (int i = 0; i < rows; i++) {
-            __m512 a = _mm512_set1_ps(A[i * lda + k0 + k]);
+            __m512 a = _mm512_set1_ps(A[i * lda + k]);
             for (int j = 0; j < NN_VECS; j++) acc[i][j] = _mm512_fmadd_ps(a, bv[j], acc[i][j]);
         }
     }
@@ -334,59 +335,44 @@ static inline __attribute__((always_inline)) void nn_tile(const float *A, long l
 #endif
 
 /* C (M, N) (+)= A (M, K) . B (K, N), for the loop's backward (B: W_z or W_r, rows of K). Each
- * thread takes a run of 64-column panels of B; block by block of 128 rows of B, it packs its panels
- * (reading B's rows in order, which the hardware prefetches well) and multiplies every tile of 6 rows
- * of A by them. Returns 0, 1 where memory ran out, -1 where not built (no AVX-512). */
+ * thread takes a run of 64-column panels of B; block by block of 128 rows of B, it multiplies every
+ * tile of 6 rows of A by each of its panels, reading B where it lies: the block of a panel (32 KB)
+ * is read from memory by the first tile and from cache by the others. It used to copy each block
+ * into a packed buffer first; without that copy a training step at the paper's sizes took 12 ms
+ * less (432 against 445 ms, the same gradients bit for bit), and W_r's product at 4-32 rows
+ * 1.0-2.2x less time (RESULTS.md, eighteenth session). Returns 0, -1 where not built (no AVX-512). */
 int capattn_matmul_nn(const float *A, long lda, const float *B, long ldb, float *C, long ldc, const float *bias,
                       long M, long N, long K, int mode) {
 #if defined(__AVX512F__)
     const long panels = (N + NN_COLS - 1) / NN_COLS;
-    int failed = 0;
 #pragma omp parallel
     {
         const int t = omp_get_thread_num(), threads = omp_get_num_threads();
         const long p0 = panels * t / threads, p1 = panels * (t + 1) / threads;
-        float *packed = NULL;
-        if (p1 > p0) {
-            packed = aligned_alloc(64, sizeof(float) * NN_DEPTH * NN_COLS * (size_t)(p1 - p0));
-            if (!packed) {
-#pragma omp atomic write
-                failed = 1;
-            }
-        }
-        for (long k0 = 0; packed && k0 < K; k0 += NN_DEPTH) {
+        for (long k0 = 0; k0 < K; k0 += NN_DEPTH) {
             const long kn = K - k0 < NN_DEPTH ? K - k0 : NN_DEPTH;
-            for (long k = 0; k < kn; k++) {
-                const float *row = B + (k0 + k) * ldb;
-                for (long p = p0; p < p1; p++)
-                    for (int j = 0; j < NN_VECS; j++) {
-                        const long n = p * NN_COLS + 16 * j;
-                        _mm512_store_ps(packed + ((p - p0) * NN_DEPTH + k) * NN_COLS + 16 * j,
-                                        _mm512_maskz_loadu_ps(columns_left(N - n), row + n));
-                    }
-            }
+            const int first = k0 == 0 ? mode : 1; /* later blocks add to C */
             for (long p = p0; p < p1; p++) {
                 const long n0 = p * NN_COLS;
                 __mmask16 mask[NN_VECS];
                 for (int j = 0; j < NN_VECS; j++) mask[j] = columns_left(N - n0 - 16 * j);
-                const float *panel = packed + (p - p0) * NN_DEPTH * NN_COLS, *b = bias ? bias + n0 : NULL;
+                const float *b = B + k0 * ldb + n0, *bias_p = bias ? bias + n0 : NULL;
                 for (long r0 = 0; r0 < M; r0 += NN_ROWS) {
-                    const float *a = A + r0 * lda;
+                    const float *a = A + r0 * lda + k0;
                     float *c = C + r0 * ldc + n0;
                     switch (M - r0 < NN_ROWS ? M - r0 : NN_ROWS) { /* constant row counts: unrolled tiles */
-                    case 6: nn_tile(a, lda, panel, c, ldc, b, mode, 6, k0, kn, mask); break;
-                    case 5: nn_tile(a, lda, panel, c, ldc, b, mode, 5, k0, kn, mask); break;
-                    case 4: nn_tile(a, lda, panel, c, ldc, b, mode, 4, k0, kn, mask); break;
-                    case 3: nn_tile(a, lda, panel, c, ldc, b, mode, 3, k0, kn, mask); break;
-                    case 2: nn_tile(a, lda, panel, c, ldc, b, mode, 2, k0, kn, mask); break;
-                    default: nn_tile(a, lda, panel, c, ldc, b, mode, 1, k0, kn, mask); break;
+                    case 6: nn_tile(a, lda, b, ldb, c, ldc, bias_p, first, 6, kn, mask); break;
+                    case 5: nn_tile(a, lda, b, ldb, c, ldc, bias_p, first, 5, kn, mask); break;
+                    case 4: nn_tile(a, lda, b, ldb, c, ldc, bias_p, first, 4, kn, mask); break;
+                    case 3: nn_tile(a, lda, b, ldb, c, ldc, bias_p, first, 3, kn, mask); break;
+                    case 2: nn_tile(a, lda, b, ldb, c, ldc, bias_p, first, 2, kn, mask); break;
+                    default: nn_tile(a, lda, b, ldb, c, ldc, bias_p, first, 1, kn, mask); break;
                     }
                 }
             }
         }
-        free(packed);
     }
-    return failed;
+    return 0;
 #else
     (void)A, (void)lda, (void)B, (void)ldb, (void)C, (void)ldc, (void)bias, (void)M, (void)N, (void)K, (void)mode;
     return -1;
