@@ -77,13 +77,13 @@ def quick_rows(rows: tuple[int, ...]) -> tuple[int, ...]:
 @contextlib.contextmanager
 def every_size():
     """The kernels take any row count and weight size (to time them where capattn would not)."""
-    saved = native.NT_MIN_ROWS, native.NN_ROWS, native.MIN_WEIGHT
-    native.NT_MIN_ROWS, native.NN_ROWS = 1, range(1, 1 << 30)
+    saved = native.NT_MIN_ROWS, native.NN_MIN_ROWS, native.MIN_WEIGHT
+    native.NT_MIN_ROWS, native.NN_MIN_ROWS = 1, 1
     native.MIN_WEIGHT = 0
     try:
         yield
     finally:
-        native.NT_MIN_ROWS, native.NN_ROWS, native.MIN_WEIGHT = saved
+        native.NT_MIN_ROWS, native.NN_MIN_ROWS, native.MIN_WEIGHT = saved
 
 
 def timed_pair(kind: str, rows: int, n: int, k: int):
@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         f"(H = A = E = {HIDDEN}, V = {VOCAB:,}), alone: torch's matmul (MKL) against capattn's kernels "
         f"(native.matmul_nt / matmul_nn), median of {repeats} interleaved repeats of {CALLS} products; "
         f"{load_note()}; measured matmul peak {peak:.0f} GFLOP/s (2048² fp32). capattn takes the kernel "
-        f"(native.nt_takes, nn_takes) for x Wᵀ from {native.NT_MIN_ROWS} rows; for A B from {native.NN_ROWS.start} "
-        f"to {native.NN_ROWS.stop - 1} rows; weights of {native.MIN_WEIGHT:,} elements or more. Timed here at "
+        f"(native.nt_takes, nn_takes) for x Wᵀ from {native.NT_MIN_ROWS} rows; for A B from {native.NN_MIN_ROWS} "
+        f"row{'s' if native.NN_MIN_ROWS > 1 else ''}; weights of {native.MIN_WEIGHT:,} elements or more. Timed here at "
         f"every row count.\n\n{table}\n"
     )
     append_results(args.results, results_title("bench_matmul.py", args.quick, device), body)

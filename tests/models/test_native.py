@@ -179,7 +179,7 @@ def test_small_matmuls_match_the_float64_product(build, rows):
     c = torch.randn(rows, k)
     before = c.clone()
     nn = native.matmul_nn(a, b, c)
-    assert nn == native.nn_takes(rows, b) == (rows in native.NN_ROWS)
+    assert nn == native.nn_takes(rows, b) == (rows >= native.NN_MIN_ROWS)
     if nn:
         _close_to_float64(c, a.double() @ b.double(), n)
         c.copy_(before)

@@ -414,9 +414,10 @@ class _TeacherForcedLoop(torch.autograd.Function):
     loop, and results are written into the time-major buffers instead of copied there. On the
     GPU's branches a word now dispatches about 45 ops that launch kernels, forward and backward,
     where it dispatched 81 (counted on a CPU: ``benchmarks/bench_launches.py``). On a CPU with
-    AVX-512, the per-word matmuls of the captions still running (4–64 rows by weights of 2 MB or
-    more) run in capattn's own kernels (``native.matmul_nt``, ``matmul_nn``), where MKL runs far
-    below its peak: a training step at the paper's sizes 16% faster (RESULTS.md, sixteenth session).
+    AVX-512, the per-word matmuls of the captions still running (from 4 rows forward and 1
+    backward, by weights of 2 MB or more) run in capattn's own kernels (``native.matmul_nt``,
+    ``matmul_nn``), where MKL runs far below its peak: a training step at the paper's sizes 16%
+    faster (RESULTS.md, sixteenth session).
 
     Inputs: h0, c0 (B, H); emb (N, E) word embeddings, time-major; keys (B, L, A); grid (B, L, D);
     w_ih (4H, E + D) and b_ih (4H,) of the LSTM's input; w_rec (A [+1] + 4H, H) and b_rec, the
@@ -439,7 +440,7 @@ class _TeacherForcedLoop(torch.autograd.Function):
         alpha_all = keys.new_empty(n, keys.shape[1])
         beta_all = h0.new_empty(n, 1) if plan.gate else None
         # On a CPU with AVX-512, the per-word matmuls of these few rows run in capattn's kernels
-        # (native.matmul_nt, _nn), faster than MKL's at 4-64 rows; elsewhere, torch's.
+        # (native.matmul_nt, _nn), faster than MKL's from 4 rows (nt_takes); elsewhere, torch's.
         small = native.small_matmuls(h0, w_ih, w_rec, b_rec)
         fused_buf = h0.new_empty(running[0], w_rec.shape[0]) if small else None
         h, c, off = h0, c0, 0

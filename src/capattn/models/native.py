@@ -8,7 +8,7 @@ log-probabilities is one pass per row. Measured on a 2-core AVX-512 CPU at the p
 per word of a beam-5 search over 100 images, against PyTorch: the energy 15 → 7.6 ms, the
 context 10.3 → 8 ms, the top-k 3.1 → 0.9 ms (README, "Speed"). And where built with AVX-512, the
 per-word matmuls where MKL runs far below its peak (``matmul_nt``, ``matmul_nn``; ``nt_takes`` and
-``nn_takes`` say where): the training loop's products of the 4–64 captions still running, by the
+``nn_takes`` say where): the training loop's products of the captions still running, by the
 same weights at every word; a decoding step's W_r, W_z, L_z and output layer at any number of
 hypotheses; the attention keys' projection; and the forward of training's L_z and output layer.
 
@@ -152,9 +152,10 @@ def _ptr(t: Tensor) -> int:
 # 2-core AMD EPYC (benchmarks/RESULTS.md, sixteenth and seventeenth sessions; bench_matmul.py): x Wᵀ
 # from 4 rows (below, MKL's was as fast or faster) at any number of rows: the training loop's 4-64,
 # decoding's 100-500 (W_z 1.1-1.6×, the output layer 1.2-1.8×, L_z 0.9-1.3× MKL's speed) and the
-# attention keys' projection (19,600 rows for 100 images: 215 against 300 ms); A B from 2 rows to 64.
+# attention keys' projection (19,600 rows for 100 images: 215 against 300 ms); A B at any number of
+# rows (1.2-2.4× MKL's speed at 1 row, 1.1-1.6× at 64-256; eighteenth session).
 NT_MIN_ROWS = 4
-NN_ROWS = range(2, 65)
+NN_MIN_ROWS = 1
 # And only for weights of at least this many elements (2 MB in float32), which come from memory at
 # every word: at the demo's sizes (64 K–300 K elements, one thread) MKL was as fast or faster.
 MIN_WEIGHT = 1 << 19
@@ -167,7 +168,7 @@ def nt_takes(rows: int, weight: Tensor) -> bool:
 
 def nn_takes(rows: int, b: Tensor) -> bool:
     """Whether ``matmul_nn`` computes ``rows`` rows times ``b`` (K, N) in the kernel."""
-    return rows in NN_ROWS and b.numel() >= MIN_WEIGHT
+    return rows >= NN_MIN_ROWS and b.numel() >= MIN_WEIGHT
 
 
 def small_matmuls(*tensors: Tensor) -> bool:
