@@ -433,7 +433,9 @@ class _TeacherForcedLoop(torch.autograd.Function):
         # The score's bias is never read (see LoopAttention): it is an input only to get its gradient, zero.
         att = LoopAttention(keys, grid, score_w.squeeze(0))
         w_z = w_ih[:, e:]  # (4H, D)
-        acts = torch.addmm(b_ih, emb, w_ih[:, :e].t())  # (N, 4H): the word part; then the gates' activations
+        acts = native.addmm(emb, w_ih[:, :e], b_ih)  # (N, 4H): the word part; then the gates' activations
+        if acts is None:  # (the kernel: 4.2 against MKL's 5.1 ms at 368 × 512 by 512 × 2048)
+            acts = torch.addmm(b_ih, emb, w_ih[:, :e].t())
         c_all, tanh_c, h_all = (h0.new_empty(n, hid) for _ in range(3))
         z_all = grid.new_empty(n, grid.shape[2])  # ẑ_t before the gate
         ctx_all = z_all if not plan.gate else grid.new_empty(n, grid.shape[2])  # β ẑ_t
