@@ -7,7 +7,9 @@ At each word, Show, Attend and Tell's teacher-forced loop multiplies the b capti
 (b ≤ the batch, shrinking) by the same weights: forward z W_zᵀ (W_z 4H × D) and h W_rᵀ (W_r
 (A + 1 + 4H) × H), backward their transposes. A decoding step multiplies its hypotheses (100-500
 rows for 100 images) by W_r, W_z and the deep output layer's L_z (E × D) and L_o (V × E); a search
-(or a training batch) first projects the grid's rows to attention keys (W_a, A × D). This times
+(or a training batch) first projects the grid's rows to attention keys (W_a, A × D); a training
+step also multiplies all its positions (368 at B=32) by the gates' word part W_e (4H × E) and, in
+backward, by L_z and L_o (the deep output layer's input gradients). This times
 each product alone at the paper's sizes (H = A = E = 512, D = 2048 and 512, V = 10,000), in torch's
 matmul and in ``native.matmul_nt`` / ``matmul_nn`` (CPU, built with AVX-512), interleaved in one
 process. The last column says whether capattn takes the kernel for that product (``native.nt_takes``,
@@ -44,6 +46,7 @@ VOCAB = 10_000
 ROWS = (1, 2, 4, 8, 16, 24, 32, 48, 64)  # training: the captions still running
 DECODING_ROWS = (100, 300, 500)  # decoding 100 images: greedy, beam 3, beam 5
 KEY_ROWS = (1_960, 19_600)  # 196 grid locations of 10 and 100 images
+POSITIONS = (368,)  # a training batch's real positions: 32 COCO-like captions (bench_train.py)
 CALLS = 10  # products per timed call: one takes 0.05-35 ms
 
 
@@ -65,6 +68,11 @@ def products(feature_dim: int) -> list[tuple[str, str, int, int, tuple[int, ...]
             ("decoding, output layer x L_oᵀ", "nt", VOCAB, HIDDEN, DECODING_ROWS),
             # once per search (and per training batch: 6,272 rows at B=32), the grid's rows by W_a
             ("attention keys' projection, grid W_aᵀ (10 and 100 images)", "nt", HIDDEN, feature_dim, KEY_ROWS),
+            # once per training step, over the batch's positions: before the loop, and the input's
+            # gradient of the deep output layer (native.linear's backward)
+            ("training, the gates' word part E y W_eᵀ", "nt", gates, HIDDEN, POSITIONS),
+            ("training, backward dY L_z (deep output's input gradient)", "nn", feature_dim, HIDDEN, POSITIONS),
+            ("training, backward dY L_o (output layer's input gradient)", "nn", HIDDEN, VOCAB, POSITIONS),
         ]
     return out
 
