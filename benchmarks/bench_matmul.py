@@ -12,8 +12,7 @@ step also multiplies all its positions (368 at B=32) by the gates' word part W_e
 backward, by L_z and L_o (the deep output layer's input gradients). This times
 each product alone at the paper's sizes (H = A = E = 512, D = 2048 and 512, V = 10,000), in torch's
 matmul and in ``native.matmul_nt`` / ``matmul_nn`` (CPU, built with AVX-512), interleaved in one
-process. The last column says whether capattn takes the kernel for that product (``native.nt_takes``,
-``nn_takes``).
+process. The last column says whether capattn takes the kernel for that product (``native.takes``).
 Prints a table and appends it to RESULTS.md.
 """
 
@@ -22,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -48,6 +48,16 @@ DECODING_ROWS = (100, 300, 500)  # decoding 100 images: greedy, beam 3, beam 5
 KEY_ROWS = (1_960, 19_600)  # 196 grid locations of 10 and 100 images
 POSITIONS = (368,)  # a training batch's real positions: 32 COCO-like captions (bench_train.py)
 CALLS = 10  # products per timed call: one takes 0.05-35 ms
+# A decoding step's products at the paper's sizes (label, N, K of W): 51 MB of weights a word, more
+# than the CPU's last-level cache, so each weight comes from memory when the step reaches it.
+STEP_PRODUCTS = (
+    ("output layer x L_oᵀ", VOCAB, HIDDEN),
+    ("z W_zᵀ", 4 * HIDDEN, 2048),
+    ("h W_rᵀ", HIDDEN + 1 + 4 * HIDDEN, HIDDEN),
+    ("new words' gates E y W_eᵀ", 4 * HIDDEN, HIDDEN),
+    ("deep output z L_zᵀ", HIDDEN, 2048),
+)
+FEW_ROWS = (1, 2, 3, 4)  # one image's greedy search and beams 2-4, or the last images of a batch
 
 
 def products(feature_dim: int) -> list[tuple[str, str, int, int, tuple[int, ...]]]:
@@ -85,13 +95,12 @@ def quick_rows(rows: tuple[int, ...]) -> tuple[int, ...]:
 @contextlib.contextmanager
 def every_size():
     """The kernels take any row count and weight size (to time them where capattn would not)."""
-    saved = native.NT_MIN_ROWS, native.NN_MIN_ROWS, native.MIN_WEIGHT
-    native.NT_MIN_ROWS, native.NN_MIN_ROWS = 1, 1
+    saved = native.MIN_WEIGHT
     native.MIN_WEIGHT = 0
     try:
         yield
     finally:
-        native.NT_MIN_ROWS, native.NN_MIN_ROWS, native.MIN_WEIGHT = saved
+        native.MIN_WEIGHT = saved
 
 
 def timed_pair(kind: str, rows: int, n: int, k: int):
@@ -110,7 +119,7 @@ def timed_pair(kind: str, rows: int, n: int, k: int):
                 for _ in range(CALLS):
                     native.matmul_nt(x, weight, out, accumulate=True)
 
-        taken = native.nt_takes(rows, weight)
+        taken = native.takes(rows, weight)
     else:
         weight, out = torch.randn(k, n, generator=g), torch.empty(rows, n)
 
@@ -123,8 +132,45 @@ def timed_pair(kind: str, rows: int, n: int, k: int):
                 for _ in range(CALLS):
                     native.matmul_nn(x, weight, out)
 
-        taken = native.nn_takes(rows, weight)
+        taken = native.takes(rows, weight)
     return mkl, kernel, taken
+
+
+def step_from_memory(rows: int, repeats: int, built: bool) -> dict[tuple[str, str], float]:
+    """Median seconds of each of a decoding step's products at ``rows`` rows, torch's and the kernel's,
+    run one after the other as a step runs them (each weight evicted by the others since its last use)."""
+    g = torch.Generator().manual_seed(rows)
+    ops = [(label, torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)) for label, n, k in STEP_PRODUCTS]
+    outs = [torch.empty(rows, w.shape[0]) for _, _, w in ops]
+    impls = ("mkl", "kernel") if built else ("mkl",)
+    times: dict[tuple[str, str], list[float]] = {(impl, label): [] for impl in impls for label, _, _ in ops}
+    with every_size():
+        for _ in range(repeats + 1):  # the first round warms up, untimed
+            for impl in impls:
+                for (label, x, w), out in zip(ops, outs, strict=True):
+                    start = time.perf_counter()
+                    if impl == "mkl":
+                        torch.mm(x, w.t(), out=out)
+                    else:
+                        native.matmul_nt(x, w, out)
+                    times[(impl, label)].append(time.perf_counter() - start)
+    return {key: median(ts[1:]) for key, ts in times.items()}
+
+
+def step_table(repeats: int, built: bool) -> str:
+    """A decoding step's products at 1-4 rows, weights from memory: ms each and for the step."""
+    rows_out = []
+    for rows in FEW_ROWS:
+        t = step_from_memory(rows, repeats, built)
+        for label, n, k in (*STEP_PRODUCTS, ("all five (one step)", 0, 0)):
+            pick = [lb for lb, _, _ in STEP_PRODUCTS] if n == 0 else [label]
+            mkl = sum(t[("mkl", lb)] for lb in pick)
+            cells = ["not built (no AVX-512)", ""]
+            if built:
+                kern = sum(t[("kernel", lb)] for lb in pick)
+                cells = [f"{1e3 * kern:.3f}", f"{mkl / kern:.2f}×"]
+            rows_out.append([label, f"{n}×{k}" if n else "", str(rows), f"{1e3 * mkl:.3f}", *cells])
+    return markdown_table(["product", "weight", "rows", "torch ms", "kernel ms", "speed-up"], rows_out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,15 +215,18 @@ def main(argv: list[str] | None = None) -> int:
     ]
     table = markdown_table(header, table_rows)
     print(table)
+    few = step_table(repeats, built)
+    print(few)
     peak = matmul_peak_gflops(device, n=2048)
     body = (
         f"The per-word products of Show, Attend and Tell's training loop and decoding step at the paper's sizes "
         f"(H = A = E = {HIDDEN}, V = {VOCAB:,}), alone: torch's matmul (MKL) against capattn's kernels "
         f"(native.matmul_nt / matmul_nn), median of {repeats} interleaved repeats of {CALLS} products; "
         f"{load_note()}; measured matmul peak {peak:.0f} GFLOP/s (2048² fp32). capattn takes the kernel "
-        f"(native.nt_takes, nn_takes) for x Wᵀ from {native.NT_MIN_ROWS} rows; for A B from {native.NN_MIN_ROWS} "
-        f"row{'s' if native.NN_MIN_ROWS > 1 else ''}; weights of {native.MIN_WEIGHT:,} elements or more. Timed here at "
-        f"every row count.\n\n{table}\n"
+        f"(native.takes) at any number of rows, for weights of {native.MIN_WEIGHT:,} elements or more. Timed "
+        f"here at every row count, each product alone (its weight warm in cache); the second table times a "
+        f"decoding step's products at 1-4 rows one after the other, each weight read from memory as in "
+        f"a step.\n\n{table}\n\n{few}\n"
     )
     append_results(args.results, results_title("bench_matmul.py", args.quick, device), body)
     return 0

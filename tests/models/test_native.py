@@ -167,26 +167,18 @@ def test_small_matmuls_match_the_float64_product(build, rows):
         assert not native.matmul_nt(x, weight, out, bias=bias)
         assert not native.matmul_nn(a, b, torch.empty(rows, k))
     assert torch.equal(out, before)
-    nt = native.matmul_nt(x, weight, out, bias=bias)
-    assert nt == native.nt_takes(rows, weight) == (rows >= native.NT_MIN_ROWS)
-    if nt:
-        _close_to_float64(out, bias.double() + x.double() @ weight.double().t(), k)
-        out.copy_(before)
-        assert native.matmul_nt(x, weight, out, accumulate=True)
-        _close_to_float64(out, before.double() + x.double() @ weight.double().t(), k)
-    else:  # outside the rows where the kernel wins it writes nothing, and says so
-        assert torch.equal(out, before)
+    assert native.matmul_nt(x, weight, out, bias=bias)  # at any number of rows
+    _close_to_float64(out, bias.double() + x.double() @ weight.double().t(), k)
+    out.copy_(before)
+    assert native.matmul_nt(x, weight, out, accumulate=True)
+    _close_to_float64(out, before.double() + x.double() @ weight.double().t(), k)
     c = torch.randn(rows, k)
     before = c.clone()
-    nn = native.matmul_nn(a, b, c)
-    assert nn == native.nn_takes(rows, b) == (rows >= native.NN_MIN_ROWS)
-    if nn:
-        _close_to_float64(c, a.double() @ b.double(), n)
-        c.copy_(before)
-        assert native.matmul_nn(a, b, c, accumulate=True)
-        _close_to_float64(c, before.double() + a.double() @ b.double(), n)
-    else:
-        assert torch.equal(c, before)
+    assert native.matmul_nn(a, b, c)
+    _close_to_float64(c, a.double() @ b.double(), n)
+    c.copy_(before)
+    assert native.matmul_nn(a, b, c, accumulate=True)
+    _close_to_float64(c, before.double() + a.double() @ b.double(), n)
 
 
 @pytest.mark.parametrize(("rows", "k"), [(65, 1101), (80, 1101), (100, 1101), (150, 1101), (1100, 1024), (2100, 1000)])
@@ -251,8 +243,8 @@ def test_small_matmuls_refuse_operands_that_do_not_fit(kernels):
         native.matmul_nt(x, torch.randn(16, 10).t(), torch.empty(8, 10))
     with pytest.raises(ValueError, match="CPU float32"):
         native.matmul_nn(x.double(), weight.t(), torch.empty(8, 10))
-    # from 4 rows at any number (decoding's 100-500, the keys' projection), not 1-3, where MKL was as fast
-    assert native.nt_takes(19600, torch.empty(10, 2048)) and not native.nt_takes(3, torch.empty(10, 2048))
+    # at any number of rows (one image's greedy search, decoding's 100-500, the keys' projection)
+    assert native.takes(1, torch.empty(10, 2048)) and native.takes(19600, torch.empty(10, 2048))
     # the loop asks first, and keeps torch's matmul for a layout the kernels do not take
     assert native.small_matmuls(x, weight) and not native.small_matmuls(x, weight.t())
 

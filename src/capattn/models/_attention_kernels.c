@@ -282,7 +282,7 @@ void capattn_grid_times(const float *grid, const float *v, float *out, long B, l
  * running) by the same weights: forward, gates += z W_z^T (b x 2048 by 2048 x 2048 at the paper's
  * sizes) and [q; beta; W_hh h] = b_r + h W_r^T; backward, their transposes. A decoding step multiplies
  * its 100-500 hypotheses by W_r and by the output layer (10,000 x 512), where the forward kernel also
- * beats MKL (native.nt_takes says where each is used). MKL is slow at so few rows:
+ * beats MKL (native.takes says where they are used). MKL is slow at so few rows:
  * on the 2-core AMD EPYC (Zen 4), b = 32 x 2048 x 2048 took 2.3-2.6 ms (100-115 GFLOP/s, against
  * 180 for large matrices) and b = 4 1.3-1.7 ms, where reading the 16 MB weight once takes 0.7 ms.
  * These are the usual register-blocked kernels (a tile of accumulators, one operand broadcast, the

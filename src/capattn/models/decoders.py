@@ -442,7 +442,7 @@ class _TeacherForcedLoop(torch.autograd.Function):
         alpha_all = keys.new_empty(n, keys.shape[1])
         beta_all = h0.new_empty(n, 1) if plan.gate else None
         # On a CPU with AVX-512, the per-word matmuls of these few rows run in capattn's kernels
-        # (native.matmul_nt, _nn), faster than MKL's from 4 rows (nt_takes); elsewhere, torch's.
+        # (native.matmul_nt, _nn), faster than MKL's (native.takes); elsewhere, torch's.
         small = native.small_matmuls(h0, w_ih, w_rec, b_rec)
         fused_buf = h0.new_empty(running[0], w_rec.shape[0]) if small else None
         h, c, off = h0, c0, 0

@@ -7,8 +7,8 @@ streams each image's grid once for its K hypotheses, and beam search's top-k ove
 log-probabilities is one pass per row. Measured on a 2-core AVX-512 CPU at the paper's sizes,
 per word of a beam-5 search over 100 images, against PyTorch: the energy 15 → 7.6 ms, the
 context 10.3 → 8 ms, the top-k 3.1 → 0.9 ms (README, "Speed"). And where built with AVX-512, the
-per-word matmuls where MKL runs far below its peak (``matmul_nt``, ``matmul_nn``; ``nt_takes`` and
-``nn_takes`` say where): the training loop's products of the captions still running, by the
+per-word matmuls where MKL runs far below its peak (``matmul_nt``, ``matmul_nn``; ``takes`` says
+where): the training loop's products of the captions still running, by the
 same weights at every word; a decoding step's W_r, W_z, L_z and output layer at any number of
 hypotheses; the attention keys' projection; and the forward of training's L_z and output layer.
 
@@ -148,27 +148,23 @@ def _ptr(t: Tensor) -> int:
     return t.data_ptr()
 
 
-# Where the small-matmul kernels beat torch's (MKL's) matmul, measured at the paper's sizes on the
-# 2-core AMD EPYC (benchmarks/RESULTS.md, sixteenth and seventeenth sessions; bench_matmul.py): x Wᵀ
-# from 4 rows (below, MKL's was as fast or faster) at any number of rows: the training loop's 4-64,
-# decoding's 100-500 (W_z 1.1-1.6×, the output layer 1.2-1.8×, L_z 0.9-1.3× MKL's speed) and the
-# attention keys' projection (19,600 rows for 100 images: 215 against 300 ms); A B at any number of
-# rows (1.2-2.4× MKL's speed at 1 row, 1.1-1.6× at 64-256; eighteenth session).
-NT_MIN_ROWS = 4
-NN_MIN_ROWS = 1
-# And only for weights of at least this many elements (2 MB in float32), which come from memory at
-# every word: at the demo's sizes (64 K–300 K elements, one thread) MKL was as fast or faster.
+# The small-matmul kernels beat torch's (MKL's) matmul at any number of rows, measured at the paper's
+# sizes on the 2-core AMD EPYC (benchmarks/RESULTS.md, sixteenth to eighteenth sessions;
+# bench_matmul.py), for weights of at least this many elements (2 MB in float32), which come from
+# memory at every word: x Wᵀ at the training loop's 4-64 rows, decoding's 100-500 (W_z 1.1-1.6×, the
+# output layer 1.2-1.8×, L_z 0.9-1.3× MKL's speed), the keys' projection (19,600 rows for 100 images:
+# 215 against 300 ms) and, with the weights read from memory as a decoding step reads them, 1-3 rows
+# (2.5-3.5× at 2-3 rows, where MKL's product by a transposed weight ran at 4-10 GB/s; at 1 row 0.9× on
+# W_z to 1.5× on the output layer: one image's greedy search 1.3× faster, its beam 3 3×); A B at any
+# number of rows (1.2-2.4× at 1 row, 1.1-1.6× at 64-256). At the demo's sizes (64 K–300 K elements,
+# one thread) MKL was as fast or faster.
 MIN_WEIGHT = 1 << 19
 
 
-def nt_takes(rows: int, weight: Tensor) -> bool:
-    """Whether ``matmul_nt`` computes ``rows`` rows times ``weight``ᵀ (N, K) in the kernel."""
-    return rows >= NT_MIN_ROWS and weight.numel() >= MIN_WEIGHT
-
-
-def nn_takes(rows: int, b: Tensor) -> bool:
-    """Whether ``matmul_nn`` computes ``rows`` rows times ``b`` (K, N) in the kernel."""
-    return rows >= NN_MIN_ROWS and b.numel() >= MIN_WEIGHT
+def takes(rows: int, weight: Tensor) -> bool:
+    """Whether ``matmul_nt`` and ``matmul_nn`` compute ``rows`` rows times ``weight`` (or its
+    transpose) in the kernel."""
+    return rows >= 1 and weight.numel() >= MIN_WEIGHT
 
 
 def small_matmuls(*tensors: Tensor) -> bool:
@@ -213,13 +209,13 @@ def _run(fn, a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None, mode: int, 
 
 def matmul_nt(x: Tensor, weight: Tensor, out: Tensor, *, bias: Tensor | None = None, accumulate: bool = False) -> bool:
     """``out = x weightᵀ`` (``+ bias``; or ``out += x weightᵀ`` with ``accumulate``) in the kernel where
-    it pays (``nt_takes``); False otherwise (nothing written: the caller uses torch's matmul).
+    it pays (``takes``); False otherwise (nothing written: the caller uses torch's matmul).
 
     x (M, K), weight (N, K), out (M, N): CPU float32 matrices whose rows are contiguous (views of
     wider matrices are fine). Check ``small_matmuls`` first. No autograd.
     """
     (m, k), n = x.shape, weight.shape[0]
-    if not nt_takes(m, weight):
+    if not takes(m, weight):
         return False
     for t, name in ((x, "x"), (weight, "weight"), (out, "out")):
         _matrix(t, name)
@@ -231,10 +227,10 @@ def matmul_nt(x: Tensor, weight: Tensor, out: Tensor, *, bias: Tensor | None = N
 
 
 def matmul_nn(a: Tensor, b: Tensor, out: Tensor, *, accumulate: bool = False) -> bool:
-    """``out = a b`` (or ``out += a b``) in the kernel where it pays (``nn_takes``); False otherwise
+    """``out = a b`` (or ``out += a b``) in the kernel where it pays (``takes``); False otherwise
     (nothing written). a (M, K), b (K, N), out (M, N), as in ``matmul_nt``."""
     (m, k), n = a.shape, b.shape[1]
-    if not nn_takes(m, b):
+    if not takes(m, b):
         return False
     for t, name in ((a, "a"), (b, "b"), (out, "out")):
         _matrix(t, name)
@@ -246,10 +242,10 @@ def matmul_nn(a: Tensor, b: Tensor, out: Tensor, *, accumulate: bool = False) ->
 
 def _linear_takes(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether x (…, K) weightᵀ + bias runs in ``matmul_nt``: CPU float32, no autocast or compile,
-    the kernels built with AVX-512, and where the kernel pays (``nt_takes``)."""
+    the kernels built with AVX-512, and where the kernel pays (``takes``)."""
     if bias is None or torch.is_autocast_enabled(x.device.type) or not small_matmuls(x, weight, bias):
         return False
-    return nt_takes(x.numel() // max(x.shape[-1], 1), weight)
+    return takes(x.numel() // max(x.shape[-1], 1), weight)
 
 
 def _addmm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
