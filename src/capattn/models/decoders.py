@@ -414,10 +414,9 @@ class _TeacherForcedLoop(torch.autograd.Function):
     loop, and results are written into the time-major buffers instead of copied there. On the
     GPU's branches a word now dispatches about 45 ops that launch kernels, forward and backward,
     where it dispatched 81 (counted on a CPU: ``benchmarks/bench_launches.py``). On a CPU with
-    AVX-512, the per-word matmuls of the captions still running (from 4 rows forward and 1
-    backward, by weights of 2 MB or more) run in capattn's own kernels (``native.matmul_nt``,
-    ``matmul_nn``), where MKL runs far below its peak: a training step at the paper's sizes 16%
-    faster (RESULTS.md, sixteenth session).
+    AVX-512, the per-word matmuls of the captions still running (by weights of 2 MB or more) run
+    in capattn's own kernels (``native.matmul_nt``, ``matmul_nn``), where MKL runs far below its
+    peak: a training step at the paper's sizes 16% faster (RESULTS.md, sixteenth session).
 
     Inputs: h0, c0 (B, H); emb (N, E) word embeddings, time-major; keys (B, L, A); grid (B, L, D);
     w_ih (4H, E + D) and b_ih (4H,) of the LSTM's input; w_rec (A [+1] + 4H, H) and b_rec, the
