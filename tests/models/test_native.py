@@ -243,8 +243,12 @@ def test_small_matmuls_refuse_operands_that_do_not_fit(kernels):
         native.matmul_nt(x, torch.randn(16, 10).t(), torch.empty(8, 10))
     with pytest.raises(ValueError, match="CPU float32"):
         native.matmul_nn(x.double(), weight.t(), torch.empty(8, 10))
-    # at any number of rows (one image's greedy search, decoding's 100-500, the keys' projection)
-    assert native.takes(1, torch.empty(10, 2048)) and native.takes(19600, torch.empty(10, 2048))
+    # in use: at any number of rows (one image's greedy search, decoding's 100-500, the keys'
+    # projection), for weights of 2 MB or more
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(native, "MIN_WEIGHT", 1 << 19)
+        big, small = torch.empty(512, 1024), torch.empty(512, 1023)
+        assert native.takes(1, big) and native.takes(19600, big) and not native.takes(1, small)
     # the loop asks first, and keeps torch's matmul for a layout the kernels do not take
     assert native.small_matmuls(x, weight) and not native.small_matmuls(x, weight.t())
 

@@ -288,8 +288,8 @@ void capattn_grid_times(const float *grid, const float *v, float *out, long B, l
  * These are the usual register-blocked kernels (a tile of accumulators, one operand broadcast, the
  * other loaded as vectors: x W^T's packed, A B's read where it lies), written for this case only:
  * 1.4 and 1.8 ms at b = 32, 0.7-1.1 ms at b = 4 (benchmarks/RESULTS.md). They also take a
- * training batch's output layer over all its positions (forward x W^T, and A B for x's gradient). AVX-512 only: elsewhere capattn_small_matmul_available() is 0 and
- * the loop keeps torch's matmul. Each output is summed in a fixed order by one thread: the result
+ * training batch's output layer over all its positions (forward x W^T, and A B for x's gradient).
+ * AVX-512 only: elsewhere capattn_small_matmul_available() is 0 and the loop keeps torch's matmul. Each output is summed in a fixed order by one thread: the result
  * does not depend on the number of threads. The rows of all operands may be strided (lda, ldb, ...);
  * within a row, elements are contiguous. mode 0: C = P, 1: C += P, 2: C = bias + P (bias (N,)). */
 int capattn_small_matmul_available(void) {

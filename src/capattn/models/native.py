@@ -8,9 +8,10 @@ log-probabilities is one pass per row. Measured on a 2-core AVX-512 CPU at the p
 per word of a beam-5 search over 100 images, against PyTorch: the energy 15 → 7.6 ms, the
 context 10.3 → 8 ms, the top-k 3.1 → 0.9 ms (README, "Speed"). And where built with AVX-512, the
 per-word matmuls where MKL runs far below its peak (``matmul_nt``, ``matmul_nn``; ``takes`` says
-where): the training loop's products of the captions still running, by the
-same weights at every word; a decoding step's W_r, W_z, L_z and output layer at any number of
-hypotheses; the attention keys' projection; and the forward of training's L_z and output layer.
+where): the training loop's products of the captions still running, by the same weights at every
+word; a decoding step's W_r, W_z, L_z and output layer at any number of hypotheses; the attention
+keys' projection; and, over a training batch's positions, the gates' word part, and L_z's and the
+output layer's forward and input gradient.
 
 The first process that needs them compiles the C file with the system compiler (``$CC``, else
 ``cc``; about a second) into ``$CAPATTN_CACHE_DIR`` (default ``~/.cache/capattn``), under a name
