@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from capattn.data import synthetic
 from capattn.data.records import CaptionRecord
 from capattn.data.synthetic import (
     COLOURS,
@@ -155,6 +156,20 @@ def test_a_record_depends_only_on_seed_split_and_index(records) -> None:
 def test_reader_survives_pickling_into_a_worker(reader, records) -> None:
     worker = pickle.loads(pickle.dumps(reader))
     assert worker.load_image(records[3]).tobytes() == reader.load_image(records[3]).tobytes()
+
+
+def test_rendered_images_are_kept_within_a_budget(records, monkeypatch) -> None:
+    """A training image is read once per caption and epoch: the reader keeps its pixels and gives
+    the same bytes from them, never more than RENDERED_BYTES of them, and sends none to a worker."""
+    reader = ShapesReader(num_train=300, num_val=40, num_test=30, seed=0)
+    first = [reader.load_image(record).tobytes() for record in records[:20]]
+    assert [reader.load_image(record).tobytes() for record in records[:20]] == first
+    assert len(reader._rendered) == 20
+    assert pickle.loads(pickle.dumps(reader))._rendered == {}
+    monkeypatch.setattr(synthetic, "RENDERED_BYTES", 3 * 48 * 48 * 3)  # room for three images
+    small = ShapesReader(num_train=300, num_val=40, num_test=30, seed=0)
+    assert [small.load_image(record).tobytes() for record in records[:20] * 2] == first * 2
+    assert len(small._rendered) == 3
 
 
 def test_five_distinct_non_empty_captions_each(records) -> None:
