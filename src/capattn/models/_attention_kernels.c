@@ -278,20 +278,21 @@ void capattn_grid_times(const float *grid, const float *v, float *out, long B, l
 
 /* ---- Per-word matrix products: the teacher-forced loop's few rows, decoding's output layer --------
  *
- * Each word of Show, Attend and Tell's training loop multiplies b <= 64 rows (the captions still
- * running) by the same weights: forward, gates += z W_z^T (b x 2048 by 2048 x 2048 at the paper's
- * sizes) and [q; beta; W_hh h] = b_r + h W_r^T; backward, their transposes. A decoding step multiplies
- * its 100-500 hypotheses by W_r and by the output layer (10,000 x 512), where the forward kernel also
- * beats MKL (native.takes says where they are used). MKL is slow at so few rows:
+ * Each word of Show, Attend and Tell's training loop multiplies b rows (the captions still running,
+ * at most the batch's) by the same weights: forward, gates += z W_z^T (b x 2048 by 2048 x 2048 at
+ * the paper's sizes) and [q; beta; W_hh h] = b_r + h W_r^T; backward, their transposes. A decoding
+ * step multiplies its 100-500 hypotheses by W_r and by the output layer (10,000 x 512), where the
+ * forward kernel also beats MKL (native.takes says where they are used). MKL is slow at so few rows:
  * on the 2-core AMD EPYC (Zen 4), b = 32 x 2048 x 2048 took 2.3-2.6 ms (100-115 GFLOP/s, against
  * 180 for large matrices) and b = 4 1.3-1.7 ms, where reading the 16 MB weight once takes 0.7 ms.
  * These are the usual register-blocked kernels (a tile of accumulators, one operand broadcast, the
  * other loaded as vectors: x W^T's packed, A B's read where it lies), written for this case only:
  * 1.4 and 1.8 ms at b = 32, 0.7-1.1 ms at b = 4 (benchmarks/RESULTS.md). They also take a
  * training batch's output layer over all its positions (forward x W^T, and A B for x's gradient).
- * AVX-512 only: elsewhere capattn_small_matmul_available() is 0 and the loop keeps torch's matmul. Each output is summed in a fixed order by one thread: the result
- * does not depend on the number of threads. The rows of all operands may be strided (lda, ldb, ...);
- * within a row, elements are contiguous. mode 0: C = P, 1: C += P, 2: C = bias + P (bias (N,)). */
+ * AVX-512 only: elsewhere capattn_small_matmul_available() is 0 and the loop keeps torch's matmul.
+ * Each output is summed in a fixed order by one thread: the result does not depend on the number of
+ * threads. The rows of all operands may be strided (lda, ldb, ...); within a row, elements are
+ * contiguous. mode 0: C = P, 1: C += P, 2: C = bias + P (bias (N,)). */
 int capattn_small_matmul_available(void) {
 #if defined(__AVX512F__)
     return 1;
