@@ -16,7 +16,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from capattn.io import coco_image_id, write_json_atomic
-from capattn.viz import caption_figure, words_of
+from capattn.viz import caption_figure
+from capattn.vocab import words_of
 
 log = logging.getLogger("capattn.callbacks")
 

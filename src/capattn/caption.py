@@ -54,10 +54,11 @@ class Captioner:
     def __init__(self, *, checkpoint: str | Path, beam_size: int = 5, max_len: int | None = None) -> None:
         import torch
 
-        from capattn.checkpointing import DATA_KEY, VOCAB_KEY, CheckpointError, load_checkpoint
-        from capattn.data.datamodule import image_transform
+        # Nothing here imports Lightning (3–4 s of a one-image caption's 5): the checkpoint is read by
+        # capattn.io, the preprocessing and the models are plain torch and torchvision.
+        from capattn.io import DATA_KEY, VOCAB_KEY, CheckpointError, load_checkpoint
         from capattn.models.decoders import CaptionDecoder
-        from capattn.models.encoder import ImageEncoder
+        from capattn.models.encoder import ImageEncoder, image_transform
         from capattn.vocab import Vocabulary
 
         if beam_size < 1:
@@ -129,7 +130,7 @@ class Captioner:
             Per image: caption, score, its words (up to ``<eos>``), and (T, L) attention weights or None.
         """
         from capattn.decoding import beam_search
-        from capattn.viz import words_of
+        from capattn.vocab import words_of
 
         torch = self._torch
         with torch.inference_mode():
@@ -157,7 +158,7 @@ def _build(spec: dict[str, Any], base: type, path: Path, overrides: dict[str, An
     """Instantiates ``{"class_path", "init_args"}`` from a checkpoint's hyper-parameters, checking its type."""
     import importlib
 
-    from capattn.checkpointing import CheckpointError
+    from capattn.io import CheckpointError
 
     class_path = spec.get("class_path")
     if not isinstance(class_path, str) or "." not in class_path:
@@ -241,9 +242,9 @@ def caption_images(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from capattn.viz import caption_figure
-
     draw = attention_dir is not None and captioner.has_attention
+    if draw:  # matplotlib only for figures
+        from capattn.viz import caption_figure
     results: dict[Path, Caption] = {}
     used: set[Path] = set()
     failed = 0

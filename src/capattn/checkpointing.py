@@ -17,10 +17,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import pickle
 import random
 import signal
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -30,90 +28,15 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from capattn.errors import CapattnError
 
-VOCAB_KEY = "capattn_vocabulary"
-DATA_KEY = "capattn_data"  # preprocessing a checkpoint's model expects, e.g. {"image_size": 224}
+# Checkpoint files are read and written in capattn.io, which needs no Lightning (``capattn caption``).
+from capattn.io import DATA_KEY, VOCAB_KEY, CheckpointError, load_checkpoint, save_atomic  # noqa: F401
+
 LAST = "last"
 # `capattn fit` exits with this after SIGTERM (or SLURM's preemption warning) once last.ckpt is saved:
 # EX_TEMPFAIL, "try again" — rerunning the same command with --ckpt_path last continues the run.
 PREEMPTED_EXIT_CODE = 75
 
 log = logging.getLogger("capattn.checkpointing")
-
-
-class CheckpointError(CapattnError, ValueError):
-    """A checkpoint file is missing, truncated, unsafe, or not capattn's."""
-
-
-def load_checkpoint(path: str | Path, *, require_vocab: bool = True) -> dict[str, Any]:
-    """Loads a checkpoint's plain data with ``torch.load(weights_only=True)``.
-
-    Nothing in the file is executed: a pickle that would build arbitrary objects is refused.
-
-    Args:
-        path: the ``.ckpt`` file.
-        require_vocab: refuse a checkpoint that carries no capattn vocabulary (from another program).
-
-    Returns:
-        The checkpoint dictionary (tensors on the CPU).
-
-    Raises:
-        CheckpointError: missing, not a checkpoint, truncated, unsafe, or not written by capattn.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(
-            f"checkpoint not found: {path} — give a .ckpt that `capattn fit` wrote (runs/…/checkpoints/last.ckpt)"
-        )
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic != b"PK\x03\x04":  # torch.save writes a zip archive since PyTorch 1.6
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint: give a .ckpt that `capattn fit` wrote")
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path} is truncated (its write was interrupted?): use an earlier checkpoint of the run")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "weights only" in str(err).lower() or "weights_only" in str(err):
-            raise CheckpointError(
-                f"refusing {path}: its pickle would create objects or run code; "
-                "capattn loads only plain data — use a checkpoint that capattn wrote, from a source you trust"
-            ) from None
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint: give a .ckpt that `capattn fit` wrote") from None
-    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, KeyError) as err:
-        message = (str(err).splitlines() or [type(err).__name__])[0][:120]
-        raise CheckpointError(f"{path} is truncated or corrupt ({message}): use an earlier checkpoint") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointError(f"{path} is not a Lightning checkpoint (no state_dict): give a .ckpt from `capattn fit`")
-    if require_vocab and VOCAB_KEY not in checkpoint:
-        raise CheckpointError(
-            f"{path} carries no capattn vocabulary: it was not written by `capattn fit` (another program?)"
-        )
-    return checkpoint
-
-
-def save_atomic(checkpoint: dict[str, Any], path: str | Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``.
-
-    A kill at any moment leaves either the old file or the new one, never a truncated one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # The rename itself is durable only once the folder's entry is on disk.
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _checkpoint_io_base() -> type:

@@ -18,7 +18,8 @@ import torch
 
 from capattn.io import write_json_atomic
 from capattn.models.encoder import EncoderOutput
-from capattn.viz import caption_figure, words_of
+from capattn.viz import caption_figure
+from capattn.vocab import words_of
 
 
 class ValidationSamples(L.Callback):

@@ -111,15 +111,3 @@ def caption_figure(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def words_of(tokens: Tensor, itos: Sequence[str], *, eos: int, pad: int) -> list[str]:
-    """Decoded words up to and including ``<eos>`` (each has an attention map), pads dropped."""
-    words = []
-    for i in tokens.tolist():
-        if i == pad:
-            break
-        words.append(itos[i])
-        if i == eos:
-            break
-    return words

@@ -7,6 +7,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from capattn.errors import DataError
 
@@ -19,6 +20,21 @@ _PUNCT = re.compile(r"[^\w\s]|_")
 def tokenize(text: str) -> list[str]:
     """Lowercases, strips punctuation and splits on whitespace (Karpathy's preprocessing)."""
     return _PUNCT.sub(" ", text.lower()).split()
+
+
+def words_of(tokens: Any, itos: Sequence[str], *, eos: int, pad: int) -> list[str]:
+    """A caption's words up to and including ``<eos>`` (each has an attention map), pads dropped.
+
+    ``tokens``: a (T,) tensor of ids, or a sequence of ints.
+    """
+    words = []
+    for i in tokens.tolist() if hasattr(tokens, "tolist") else tokens:
+        if i == pad:
+            break
+        words.append(itos[i])
+        if i == eos:
+            break
+    return words
 
 
 class Vocabulary:

@@ -26,23 +26,8 @@ from capattn.data.readers.base import CaptionReader
 from capattn.data.records import SPLITS, CaptionBatch, CaptionRecord
 from capattn.data.sampler import LengthBucketBatchSampler, LongestFirstBatchSampler
 from capattn.errors import ConfigError, DataError
-from capattn.models.encoder import EncoderOutput
+from capattn.models.encoder import EncoderOutput, image_transform
 from capattn.vocab import Vocabulary
-
-
-def image_transform(image_size: int | None, augmentations: Sequence[v2.Transform] = ()) -> v2.Transform:
-    """PIL image → (3, H, W) float in [0, 1]; resized (shorter side) and centre-cropped if ``image_size``.
-
-    ``augmentations`` (training only) run on the resized uint8 image. None by default: a flip
-    turns "left of" into a false caption.
-    """
-    steps: list[v2.Transform] = [v2.ToImage()]
-    if image_size is not None:
-        steps += [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
-    steps += list(augmentations)
-    steps.append(v2.ToDtype(torch.float32, scale=True))
-    return v2.Compose(steps)
-
 
 # One item: image (3, H, W) or None, cached grid (L, D) and pooled (D,) fp16 or None (rows of one tensor
 # for the batch, see ``_gather``; the grid alone None where the decoder reads no grid), token ids (of one

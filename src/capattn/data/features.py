@@ -243,7 +243,7 @@ def _build(
     import torch
     from torch.utils.data import DataLoader
 
-    from capattn.data.datamodule import image_transform
+    from capattn.models.encoder import image_transform
 
     progress_file = folder / "progress.json"
     try:

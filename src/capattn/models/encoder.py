@@ -6,15 +6,36 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from torchvision.transforms import v2
 
 # torchvision normalises ImageNet weights with these statistics; the encoder applies them itself
 # so that loaders hand over images in [0, 1] and attention figures can show them unchanged.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def image_transform(image_size: int | None, augmentations: Sequence[v2.Transform] = ()) -> v2.Transform:
+    """PIL image → (3, H, W) float in [0, 1]; resized (shorter side) and centre-cropped if ``image_size``.
+
+    ``augmentations`` (training only) run on the resized uint8 image. None by default: a flip
+    turns "left of" into a false caption.
+    """
+    from torchvision.transforms import v2
+
+    steps: list[v2.Transform] = [v2.ToImage()]
+    if image_size is not None:
+        steps += [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+    steps += list(augmentations)
+    steps.append(v2.ToDtype(torch.float32, scale=True))
+    return v2.Compose(steps)
 
 
 @dataclass(frozen=True)
