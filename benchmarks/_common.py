@@ -48,7 +48,14 @@ def device_description(device: torch.device) -> str:
     elif "avx512_bf16" in flags:  # bf16 dot products: about 2.2× fp32's matmul rate (AMD Zen 4)
         isa += " + BF16"
     kernels = "fused attention kernels on" if native.kernels() is not None else "fused attention kernels off"
+    held = [f"{var}={os.environ[var]}" for var in _ISA_LIMITS if os.environ.get(var)]
+    if held:  # e.g. an AVX2 laptop emulated on an AVX-512 CPU: say so, or the row reads as AVX-512's
+        isa += f" (held by {' '.join(held)})"
     return f"CPU {cpu_name()}, {os.cpu_count()} cores, {isa}, {torch.get_num_threads()} threads, {kernels}"
+
+
+# Variables that keep torch's kernels, MKL, oneDNN or capattn's kernels below the CPU's instruction set.
+_ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "CAPATTN_NATIVE_CFLAGS")
 
 
 def _cpu_flags() -> str:
