@@ -21,16 +21,19 @@ from ..conftest import random_captions
 B, K, L, A, D, H = 4, 3, 11, 37, 45, 6
 
 
-# The kernels have an AVX-512 path and a portable one (plain C the compiler vectorises): on an x86
-# CPU the formula tests run against both, the portable one built with AVX-512 turned off.
-BUILDS = ["default"] + (["portable"] if platform.machine() in ("x86_64", "AMD64") else [])
+# The kernels have an AVX-512 path, an AVX2 one (8 lanes) and a portable one (plain C the compiler
+# vectorises, without the small-matmul kernels): on an x86 CPU the formula tests run against each,
+# the others built with AVX-512 (and then AVX2 and FMA) turned off. Where the CPU has no AVX-512,
+# "default" and "avx2" are the same build.
+X86_FLAGS = {"avx2": "-mno-avx512f", "portable": "-mno-avx512f -mno-avx2 -mno-fma"}
+BUILDS = ["default"] + (list(X86_FLAGS) if platform.machine() in ("x86_64", "AMD64") else [])
 
 
 @pytest.fixture(params=BUILDS)
 def build(request, monkeypatch):
-    """The kernels built as on this CPU, and (x86) without AVX-512; skips where they cannot be built."""
+    """The kernels built as on this CPU, and (x86) without AVX-512 and without AVX2; skips where not buildable."""
     monkeypatch.setenv("CAPATTN_NATIVE", "1")
-    monkeypatch.setenv("CAPATTN_NATIVE_CFLAGS", "-mno-avx512f" if request.param == "portable" else "")
+    monkeypatch.setenv("CAPATTN_NATIVE_CFLAGS", X86_FLAGS.get(request.param, ""))
     native.kernels.cache_clear()
     if native.kernels() is None:
         pytest.skip("the fused attention kernels cannot be built here (capattn.models.native logged why)")
@@ -44,10 +47,12 @@ def small_matmuls_at_any_size(monkeypatch):
     monkeypatch.setattr(native, "MIN_WEIGHT", 0)
 
 
-@pytest.fixture
-def kernels(monkeypatch):
-    """Kernels on, and a function that turns them off; skips, saying why, where they cannot be built."""
+@pytest.fixture(params=BUILDS)
+def kernels(request, monkeypatch):
+    """Kernels on (each build, as ``build``), and a function that turns them off; skips, saying why,
+    where they cannot be built."""
     monkeypatch.setenv("CAPATTN_NATIVE", "1")
+    monkeypatch.setenv("CAPATTN_NATIVE_CFLAGS", X86_FLAGS.get(request.param, ""))
     native.kernels.cache_clear()
     if native.kernels() is None:
         pytest.skip("the fused attention kernels cannot be built here (capattn.models.native logged why)")
@@ -157,7 +162,7 @@ def _close_to_float64(got: torch.Tensor, expected: torch.Tensor, k: int) -> None
 def test_small_matmuls_match_the_float64_product(build, rows):
     n, k = 101, 70
     x, weight, a, b, bias, out = _small_matmul_operands(rows, n, k, seed=rows)
-    if build == "portable":  # built without AVX-512: not offered, the loop keeps torch's matmul
+    if build == "portable":  # built without AVX2: not offered, the loop keeps torch's matmul
         assert not native.small_matmuls(x)
         return
     assert native.small_matmuls(x, weight)
@@ -187,7 +192,7 @@ def test_matmul_nt_goes_through_x_in_parts(build, rows, k):
     past 1,024 columns (the last part of 1, 16, 36 or 22 rows here), else of up to 4 MB (1,024 rows
     of 1,024; 1,024 + 1,024 + 52 of 1,000). Every part's sums match float64, with bias and accumulate."""
     if build == "portable":
-        pytest.skip("built without AVX-512: the small-matmul kernels are not offered")
+        pytest.skip("built without AVX2: the small-matmul kernels are not offered")
     x, weight, _, _, bias, out = _small_matmul_operands(rows, 29, k, seed=rows)
     before = out.clone()
     assert native.matmul_nt(x, weight, out, bias=bias)
@@ -203,7 +208,7 @@ def test_matmul_nn_sums_over_blocks_of_b_rows(build, rows, depth, width):
     and one row, 2 blocks and 44 rows, W_r's 2,561 rows (20 blocks and 1); B a view of a wider
     matrix, as W_z is of the LSTM's W_ih. Sums match float64, with and without accumulate."""
     if build == "portable":
-        pytest.skip("built without AVX-512: the small-matmul kernels are not offered")
+        pytest.skip("built without AVX2: the small-matmul kernels are not offered")
     _, _, a, b, _, _ = _small_matmul_operands(rows, depth, width, seed=depth)
     c = torch.randn(rows, width + 2)[:, 1 : 1 + width]
     before = c.clone()
@@ -216,7 +221,7 @@ def test_matmul_nn_sums_over_blocks_of_b_rows(build, rows, depth, width):
 def test_small_matmuls_give_the_same_result_on_any_number_of_threads(build):
     """Each output is summed in one fixed order by one thread: a run is repeatable bit for bit."""
     if build == "portable":
-        pytest.skip("built without AVX-512: the small-matmul kernels are not offered")
+        pytest.skip("built without AVX2: the small-matmul kernels are not offered")
     x, weight, a, b, bias, out = _small_matmul_operands(32, 301, 130, seed=0)
     results = []
     threads = torch.get_num_threads()
@@ -235,7 +240,7 @@ def test_small_matmuls_give_the_same_result_on_any_number_of_threads(build):
 
 def test_small_matmuls_refuse_operands_that_do_not_fit(kernels):
     if not native.small_matmuls(torch.zeros(1)):
-        pytest.skip("built without AVX-512 here: the small-matmul kernels are not offered")
+        pytest.skip("built without AVX2 here: the small-matmul kernels are not offered")
     x, weight = torch.randn(8, 16), torch.randn(10, 16)
     with pytest.raises(ValueError, match="do not fit"):
         native.matmul_nt(x, weight, torch.empty(8, 11))
@@ -323,7 +328,7 @@ def test_decoding_attention_is_the_same_with_and_without_kernels(kernels):
 def test_training_gradients_are_the_same_with_and_without_kernels(kernels, grid_grad, captions):
     """Show, Attend and Tell's teacher-forced loss and every gradient, fused kernels against PyTorch's
     path. 40 captions: the per-word matmuls take the small-matmul kernels' tiles of 16, 32 and 64 rows
-    (where built with AVX-512) as the batch shrinks."""
+    (where built with AVX-512; with AVX2, tiles of 8 and 16) as the batch shrinks."""
     torch.manual_seed(0)
     dec = ShowAttendTellDecoder(vocab_size=20, feature_dim=D, embed_dim=8, hidden_dim=H, attention_dim=A, dropout=0.0)
     tokens, lengths = random_captions(captions, 9, vocab=20, seed=4)  # unsorted lengths

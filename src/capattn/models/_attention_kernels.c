@@ -15,8 +15,17 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#endif
+/* AVX2 with FMA, and no AVX-512 (most laptops: Intel's since 2013, AMD's before Zen 4): 8-lane
+ * versions of the AVX-512 code below. Built for it, the tanh, the energy and its backward, and the
+ * small matmuls are written out in 8 lanes instead of left to the compiler (plain C: a division per
+ * tanh, and no matmul kernels at all). */
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define CAPATTN_AVX2 1
+#else
+#define CAPATTN_AVX2 0
 #endif
 
 /* tanh(x) = x P(x^2) / Q(x^2), x clamped to [-10, 10] (beyond, tanh is 1 in float32). P (degree
@@ -69,11 +78,40 @@ static inline __m512 tanh16(__m512 x) {
 }
 #endif
 
+#if CAPATTN_AVX2
+/* tanh16 on 8 lanes: the reciprocal of Q from an approximate one (12 bits) and one Newton step. */
+static inline __m256 tanh8(__m256 x) {
+    const __m256 clamp = _mm256_set1_ps(TANH_CLAMP), one = _mm256_set1_ps(1.0f);
+    x = _mm256_min_ps(clamp, _mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), clamp), x));
+    __m256 u = _mm256_mul_ps(x, x);
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(TANH_P6), u, _mm256_set1_ps(TANH_P5));
+    p = _mm256_fmadd_ps(p, u, _mm256_set1_ps(TANH_P4));
+    p = _mm256_fmadd_ps(p, u, _mm256_set1_ps(TANH_P3));
+    p = _mm256_fmadd_ps(p, u, _mm256_set1_ps(TANH_P2));
+    p = _mm256_fmadd_ps(p, u, _mm256_set1_ps(TANH_P1));
+    p = _mm256_fmadd_ps(p, u, _mm256_set1_ps(TANH_P0));
+    __m256 q = _mm256_fmadd_ps(_mm256_set1_ps(TANH_Q3), u, _mm256_set1_ps(TANH_Q2));
+    q = _mm256_fmadd_ps(q, u, _mm256_set1_ps(TANH_Q1));
+    q = _mm256_fmadd_ps(q, u, one);
+    __m256 r = _mm256_rcp_ps(q);
+    r = _mm256_mul_ps(r, _mm256_fnmadd_ps(q, r, _mm256_set1_ps(2.0f)));
+    return _mm256_mul_ps(_mm256_mul_ps(x, p), r);
+}
+
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
 /* y[i] = tanh(x[i]) as the kernels compute it; for the tests of its accuracy. */
 void capattn_tanh(const float *x, float *y, long n) {
     long i = 0;
 #if defined(__AVX512F__)
     for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, tanh16(_mm512_loadu_ps(x + i)));
+#elif CAPATTN_AVX2
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, tanh8(_mm256_loadu_ps(x + i)));
 #endif
     for (; i < n; i++) y[i] = tanh1(x[i]);
 }
@@ -93,6 +131,17 @@ static inline float energy1(const float *k, const float *q, const float *w, long
     for (; a + 16 <= A; a += 16)
         s0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + a), tanh16(_mm512_add_ps(_mm512_loadu_ps(k + a), _mm512_loadu_ps(q + a))), s0);
     s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+#elif CAPATTN_AVX2
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (; a + 16 <= A; a += 16) {
+        __m256 t0 = tanh8(_mm256_add_ps(_mm256_loadu_ps(k + a), _mm256_loadu_ps(q + a)));
+        __m256 t1 = tanh8(_mm256_add_ps(_mm256_loadu_ps(k + a + 8), _mm256_loadu_ps(q + a + 8)));
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + a), t0, s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + a + 8), t1, s1);
+    }
+    for (; a + 8 <= A; a += 8)
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + a), tanh8(_mm256_add_ps(_mm256_loadu_ps(k + a), _mm256_loadu_ps(q + a))), s0);
+    s = sum8(_mm256_add_ps(s0, s1));
 #endif
 #pragma omp simd reduction(+ : s)
     for (long i = a; i < A; i++) s += w[i] * tanh1(k[i] + q[i]);
@@ -139,6 +188,15 @@ static inline void energy_grad1(const float *k, const float *q, const float *w, 
         _mm512_storeu_ps(dw + a, _mm512_fmadd_ps(dv, s, _mm512_loadu_ps(dw + a)));
         _mm512_storeu_ps(acc + a, _mm512_add_ps(_mm512_loadu_ps(acc + a), g));
         _mm512_storeu_ps(dq + a, _mm512_add_ps(_mm512_loadu_ps(dq + a), g));
+    }
+#elif CAPATTN_AVX2
+    const __m256 dv = _mm256_set1_ps(d), one = _mm256_set1_ps(1.0f);
+    for (; a + 8 <= A; a += 8) {
+        __m256 s = tanh8(_mm256_add_ps(_mm256_loadu_ps(k + a), _mm256_loadu_ps(q + a)));
+        __m256 g = _mm256_mul_ps(_mm256_mul_ps(dv, _mm256_fnmadd_ps(s, s, one)), _mm256_loadu_ps(w + a));
+        _mm256_storeu_ps(dw + a, _mm256_fmadd_ps(dv, s, _mm256_loadu_ps(dw + a)));
+        _mm256_storeu_ps(acc + a, _mm256_add_ps(_mm256_loadu_ps(acc + a), g));
+        _mm256_storeu_ps(dq + a, _mm256_add_ps(_mm256_loadu_ps(dq + a), g));
     }
 #endif
 #pragma omp simd
@@ -294,7 +352,7 @@ void capattn_grid_times(const float *grid, const float *v, float *out, long B, l
  * threads. The rows of all operands may be strided (lda, ldb, ...); within a row, elements are
  * contiguous. mode 0: C = P, 1: C += P, 2: C = bias + P (bias (N,)). */
 int capattn_small_matmul_available(void) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || CAPATTN_AVX2
     return 1;
 #else
     return 0;
@@ -336,6 +394,185 @@ static inline __attribute__((always_inline)) void nn_tile(const float *A, long l
 }
 #endif
 
+#if CAPATTN_AVX2
+/* The same two kernels on 8 lanes and 16 registers: A B in tiles of 6 rows by 16 columns (12
+ * accumulators, as BLIS's Haswell kernel); x W^T in tiles of 12 rows of W by 8 rows of x, or 6 by 16. */
+#define NN8_ROWS 6
+#define NN8_COLS 16
+#define NN8_DEPTH 128 /* rows of B per block: a panel's block is 8 KB */
+
+static inline __m256i lanes_left(long left) {
+    const long n = left < 0 ? 0 : (left > 8 ? 8 : left);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* 8 floats at p: all of them where `full`, else the lanes of `mask` (the others 0, never read). */
+static inline __attribute__((always_inline)) __m256 load8(const float *p, int full, __m256i mask) {
+    return full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask);
+}
+
+static inline __attribute__((always_inline)) void store8(float *p, __m256 v, int full, __m256i mask) {
+    if (full) _mm256_storeu_ps(p, v);
+    else _mm256_maskstore_ps(p, mask, v);
+}
+
+/* nn_tile on 16 columns: C[:rows, :16] (+)= A[:rows, :kn] . B[:kn, :16]; `full`: all 16 columns exist. */
+static inline __attribute__((always_inline)) void nn_tile8(const float *A, long lda, const float *B, long ldb,
+                                                           float *C, long ldc, const float *bias, int mode, int rows,
+                                                           long kn, int full, const __m256i *mask) {
+    __m256 acc[NN8_ROWS][2];
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < 2; j++) {
+            if (mode == 1) acc[i][j] = load8(C + i * ldc + 8 * j, full, mask[j]);
+            else if (mode == 2) acc[i][j] = load8(bias + 8 * j, full, mask[j]);
+            else acc[i][j] = _mm256_setzero_ps();
+        }
+    for (long k = 0; k < kn; k++) {
+        const __m256 b0 = load8(B + k * ldb, full, mask[0]), b1 = load8(B + k * ldb + 8, full, mask[1]);
+        for (int i = 0; i < rows; i++) {
+            const __m256 a = _mm256_broadcast_ss(A + i * lda + k);
+            acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
+        }
+    }
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < 2; j++) store8(C + i * ldc + 8 * j, acc[i][j], full, mask[j]);
+}
+
+static void matmul_nn8(const float *A, long lda, const float *B, long ldb, float *C, long ldc, const float *bias,
+                       long M, long N, long K, int mode) {
+    const long panels = (N + NN8_COLS - 1) / NN8_COLS;
+#pragma omp parallel
+    {
+        const int t = omp_get_thread_num(), threads = omp_get_num_threads();
+        const long p0 = panels * t / threads, p1 = panels * (t + 1) / threads;
+        for (long k0 = 0; k0 < K; k0 += NN8_DEPTH) {
+            const long kn = K - k0 < NN8_DEPTH ? K - k0 : NN8_DEPTH;
+            const int first = k0 == 0 ? mode : 1; /* later blocks add to C */
+            for (long p = p0; p < p1; p++) {
+                const long n0 = p * NN8_COLS;
+                const __m256i mask[2] = {lanes_left(N - n0), lanes_left(N - n0 - 8)};
+                const float *b = B + k0 * ldb + n0, *bias_p = bias ? bias + n0 : NULL;
+                for (long r0 = 0; r0 < M; r0 += NN8_ROWS) {
+                    const float *a = A + r0 * lda + k0;
+                    float *c = C + r0 * ldc + n0;
+                    const int rows = M - r0 < NN8_ROWS ? (int)(M - r0) : NN8_ROWS;
+/* constant row counts and `full`: unrolled tiles, plain loads where the panel is whole */
+#define NN8_TILE(R, F) nn_tile8(a, lda, b, ldb, c, ldc, bias_p, first, R, kn, F, mask)
+#define NN8_ROWS_OF(F)                                                                                                 \
+    switch (rows) {                                                                                                    \
+    case 6: NN8_TILE(6, F); break;                                                                                     \
+    case 5: NN8_TILE(5, F); break;                                                                                     \
+    case 4: NN8_TILE(4, F); break;                                                                                     \
+    case 3: NN8_TILE(3, F); break;                                                                                     \
+    case 2: NN8_TILE(2, F); break;                                                                                     \
+    default: NN8_TILE(1, F); break;                                                                                    \
+    }
+                    if (n0 + NN8_COLS <= N) {
+                        NN8_ROWS_OF(1)
+                    } else {
+                        NN8_ROWS_OF(0)
+                    }
+#undef NN8_ROWS_OF
+#undef NN8_TILE
+                }
+            }
+        }
+    }
+}
+
+/* nt_tile on 8 lanes: R rows of W (at most 12) against NB vectors (8 rows of x each) of the packed x^T. */
+static inline __attribute__((always_inline)) void nt_tile8(const float *W, long ldw, const float *packed, int NB,
+                                                           int R, long K, float *C, long ldc, const float *bias,
+                                                           int mode, long n0, long M) {
+    __m256 acc[12][2];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < NB; j++) acc[i][j] = _mm256_setzero_ps();
+    for (long k = 0; k < K; k++) {
+        __m256 xv[2];
+        for (int j = 0; j < NB; j++) xv[j] = _mm256_load_ps(packed + (k * NB + j) * 8);
+        for (int i = 0; i < R; i++) {
+            const __m256 w = _mm256_broadcast_ss(W + i * ldw + k);
+            for (int j = 0; j < NB; j++) acc[i][j] = _mm256_fmadd_ps(w, xv[j], acc[i][j]);
+        }
+    }
+    float out[12][16] __attribute__((aligned(32)));
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < NB; j++) _mm256_store_ps(out[i] + 8 * j, acc[i][j]);
+    for (long r = 0; r < M; r++) {
+        float *c = C + r * ldc + n0;
+        for (int i = 0; i < R; i++) c[i] = (mode == 1 ? c[i] : (mode == 2 ? bias[n0 + i] : 0.0f)) + out[i][r];
+    }
+}
+
+/* r[j] <- column j of the 8 x 8 matrix whose rows are r[0..7]. */
+static inline __attribute__((always_inline)) void transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; j++) {
+        r[j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x20);
+        r[4 + j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x31);
+    }
+}
+
+/* dst[k * bw + r] = X[r, k] for k in k0 .. k0+kn-1 (kn <= 8) and r < m, 0 for m <= r < bw. */
+static inline void nt_pack8(const float *X, long ldx, long m, long k0, long kn, long bw, float *dst) {
+    const __m256i cols = lanes_left(kn);
+    for (long g = 0; g < bw; g += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; i++)
+            r[i] = g + i < m ? load8(X + (g + i) * ldx + k0, kn == 8, cols) : _mm256_setzero_ps();
+        transpose8(r);
+        for (long j = 0; j < kn; j++) _mm256_store_ps(dst + (k0 + j) * bw + g, r[j]);
+    }
+}
+
+/* nt_part on 8 lanes: x in blocks of 16 rows (the last of at most 8 rows, 8 wide), each packed as
+ * K x 16 floats; tiles of 12 rows of W, multiplied by every block while in cache (a block of 16
+ * rows as two tiles of 6: 12 accumulators each). */
+static void nt_part8(const float *X, long ldx, const float *W, long ldw, float *C, long ldc, const float *bias, long M,
+                     long N, long K, int mode, float *packed) {
+    const long blocks = (M + 15) / 16, tiles = (N + 11) / 12;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (long k0 = 0; k0 < K; k0 += 8)
+            for (long b = 0; b < blocks; b++) {
+                const long m = M - 16 * b < 16 ? M - 16 * b : 16;
+                nt_pack8(X + 16 * b * ldx, ldx, m, k0, K - k0 < 8 ? K - k0 : 8, m <= 8 ? 8 : 16, packed + b * K * 16);
+            }
+#pragma omp for schedule(static)
+        for (long t = 0; t < tiles; t++) {
+            const long n0 = t * 12, rows = N - n0 < 12 ? N - n0 : 12;
+            const float *w = W + n0 * ldw;
+            for (long b = 0; b < blocks; b++) {
+                const long m = M - 16 * b < 16 ? M - 16 * b : 16;
+                const float *xb = packed + b * K * 16;
+                float *c = C + 16 * b * ldc;
+                if (rows == 12 && m <= 8) nt_tile8(w, ldw, xb, 1, 12, K, c, ldc, bias, mode, n0, m);
+                else if (rows == 12) {
+                    nt_tile8(w, ldw, xb, 2, 6, K, c, ldc, bias, mode, n0, m);
+                    nt_tile8(w + 6 * ldw, ldw, xb, 2, 6, K, c, ldc, bias, mode, n0 + 6, m);
+                } else /* the last, partial tile: one row of W at a time */
+                    for (long i = 0; i < rows; i++) {
+                        if (m <= 8) nt_tile8(w + i * ldw, ldw, xb, 1, 1, K, c, ldc, bias, mode, n0 + i, m);
+                        else nt_tile8(w + i * ldw, ldw, xb, 2, 1, K, c, ldc, bias, mode, n0 + i, m);
+                    }
+            }
+        }
+    }
+}
+#endif
+
 /* C (M, N) (+)= A (M, K) . B (K, N), for the loop's backward (B: W_z or W_r, rows of K). Each
  * thread takes a run of 64-column panels of B; block by block of 128 rows of B, it multiplies every
  * tile of 6 rows of A by each of its panels, reading B where it lies: the block of a panel (32 KB)
@@ -374,6 +611,9 @@ int capattn_matmul_nn(const float *A, long lda, const float *B, long ldb, float 
             }
         }
     }
+    return 0;
+#elif CAPATTN_AVX2
+    matmul_nn8(A, lda, B, ldb, C, ldc, bias, M, N, K, mode);
     return 0;
 #else
     (void)A, (void)lda, (void)B, (void)ldb, (void)C, (void)ldc, (void)bias, (void)M, (void)N, (void)K, (void)mode;
@@ -516,6 +756,18 @@ int capattn_matmul_nt(const float *X, long ldx, const float *W, long ldw, float 
     for (long r0 = 0; r0 < M; r0 += part) {
         const long m = M - r0 < part ? M - r0 : part;
         nt_part(X + r0 * ldx, ldx, W, ldw, C + r0 * ldc, ldc, bias, m, N, K, mode, packed);
+    }
+    free(packed);
+    return 0;
+#elif CAPATTN_AVX2
+    /* parts as above; each part's packing is blocks of 16 rows, K x 16 floats each */
+    long part = K > 1024 ? 64 : NT_PART_FLOATS / K / 16 * 16;
+    part = M <= 64 ? M : (part < 64 ? 64 : (part > M ? M : part));
+    float *packed = aligned_alloc(64, sizeof(float) * (size_t)(K * ((part + 15) / 16 * 16)));
+    if (!packed) return 1;
+    for (long r0 = 0; r0 < M; r0 += part) {
+        const long m = M - r0 < part ? M - r0 : part;
+        nt_part8(X + r0 * ldx, ldx, W, ldw, C + r0 * ldc, ldc, bias, m, N, K, mode, packed);
     }
     free(packed);
     return 0;
