@@ -11,7 +11,7 @@ rows for 100 images) by W_r, W_z and the deep output layer's L_z (E × D) and L_
 step also multiplies all its positions (368 at B=32) by the gates' word part W_e (4H × E) and, in
 backward, by L_z and L_o (the deep output layer's input gradients). This times
 each product alone at the paper's sizes (H = A = E = 512, D = 2048 and 512, V = 10,000), in torch's
-matmul and in ``native.matmul_nt`` / ``matmul_nn`` (CPU, built with AVX-512), interleaved in one
+matmul and in ``native.matmul_nt`` / ``matmul_nn`` (CPU, built with AVX-512 or AVX2), interleaved in one
 process. The last column says whether capattn takes the kernel for that product (``native.takes``).
 Prints a table and appends it to RESULTS.md.
 """
@@ -165,7 +165,7 @@ def step_table(repeats: int, built: bool) -> str:
         for label, n, k in (*STEP_PRODUCTS, ("all five (one step)", 0, 0)):
             pick = [lb for lb, _, _ in STEP_PRODUCTS] if n == 0 else [label]
             mkl = sum(t[("mkl", lb)] for lb in pick)
-            cells = ["not built (no AVX-512)", ""]
+            cells = ["not built (no AVX-512 or AVX2)", ""]
             if built:
                 kern = sum(t[("kernel", lb)] for lb in pick)
                 cells = [f"{1e3 * kern:.3f}", f"{mkl / kern:.2f}×"]
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 fns = {"mkl": mkl} | ({"kernel": kernel} if built else {})
                 times = {name: median(ts) / CALLS for name, ts in interleaved(fns, repeats, device).items()}
                 flop = 2 * rows * n * k
-                kernel_cells = ["not built (no AVX-512)", "", ""]
+                kernel_cells = ["not built (no AVX-512 or AVX2)", "", ""]
                 if built:
                     t = times["kernel"]
                     kernel_cells = [f"{1e3 * t:.3f}", f"{flop / t / 1e9:.0f}", f"{times['mkl'] / t:.2f}×"]

@@ -139,8 +139,10 @@ static inline float energy1(const float *k, const float *q, const float *w, long
         s0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + a), t0, s0);
         s1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + a + 8), t1, s1);
     }
-    for (; a + 8 <= A; a += 8)
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + a), tanh8(_mm256_add_ps(_mm256_loadu_ps(k + a), _mm256_loadu_ps(q + a))), s0);
+    for (; a + 8 <= A; a += 8) {
+        const __m256 t = tanh8(_mm256_add_ps(_mm256_loadu_ps(k + a), _mm256_loadu_ps(q + a)));
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + a), t, s0);
+    }
     s = sum8(_mm256_add_ps(s0, s1));
 #endif
 #pragma omp simd reduction(+ : s)
@@ -347,7 +349,8 @@ void capattn_grid_times(const float *grid, const float *v, float *out, long B, l
  * other loaded as vectors: x W^T's packed, A B's read where it lies), written for this case only:
  * 1.4 and 1.8 ms at b = 32, 0.7-1.1 ms at b = 4 (benchmarks/RESULTS.md). They also take a
  * training batch's output layer over all its positions (forward x W^T, and A B for x's gradient).
- * AVX-512 only: elsewhere capattn_small_matmul_available() is 0 and the loop keeps torch's matmul.
+ * AVX-512, or AVX2 with FMA (the 8-lane versions below): elsewhere capattn_small_matmul_available()
+ * is 0 and the loop keeps torch's matmul.
  * Each output is summed in a fixed order by one thread: the result does not depend on the number of
  * threads. The rows of all operands may be strided (lda, ldb, ...); within a row, elements are
  * contiguous. mode 0: C = P, 1: C += P, 2: C = bias + P (bias (N,)). */
@@ -579,7 +582,7 @@ static void nt_part8(const float *X, long ldx, const float *W, long ldw, float *
  * is read from memory by the first tile and from cache by the others. It used to copy each block
  * into a packed buffer first; without that copy a training step at the paper's sizes took 12 ms
  * less (432 against 445 ms, the same gradients bit for bit), and W_r's product at 4-32 rows
- * 1.0-2.2x less time (RESULTS.md, eighteenth session). Returns 0, -1 where not built (no AVX-512). */
+ * 1.0-2.2x less time (RESULTS.md, eighteenth session). Returns 0, -1 where not built (neither AVX-512 nor AVX2). */
 int capattn_matmul_nn(const float *A, long lda, const float *B, long ldb, float *C, long ldc, const float *bias,
                       long M, long N, long K, int mode) {
 #if defined(__AVX512F__)
@@ -744,7 +747,7 @@ static void nt_part(const float *X, long ldx, const float *W, long ldw, float *C
  * L2 (with all of X packed at once, W_z ran at 104-130 GFLOP/s past 64 rows, level with MKL; so, at
  * 145-202); else of up to 4 MB of packed X (19,600 rows of 512, all packed at once, ran at 97-114
  * GFLOP/s; in parts of 2,048 rows, at 164-203). Returns 0, 1 where memory ran out, -1 where not
- * built (no AVX-512). */
+ * built (neither AVX-512 nor AVX2). */
 int capattn_matmul_nt(const float *X, long ldx, const float *W, long ldw, float *C, long ldc, const float *bias,
                       long M, long N, long K, int mode) {
 #if defined(__AVX512F__)

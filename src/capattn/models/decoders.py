@@ -414,7 +414,7 @@ class _TeacherForcedLoop(torch.autograd.Function):
     loop, and results are written into the time-major buffers instead of copied there. On the
     GPU's branches a word now dispatches about 45 ops that launch kernels, forward and backward,
     where it dispatched 81 (counted on a CPU: ``benchmarks/bench_launches.py``). On a CPU with
-    AVX-512, the per-word matmuls of the captions still running (by weights of 2 MB or more) run
+    AVX-512 or AVX2, the per-word matmuls of the captions still running (by weights of 2 MB or more) run
     in capattn's own kernels (``native.matmul_nt``, ``matmul_nn``), where MKL runs far below its
     peak: a training step at the paper's sizes 16% faster (RESULTS.md, sixteenth session).
 
@@ -440,7 +440,7 @@ class _TeacherForcedLoop(torch.autograd.Function):
         ctx_all = z_all if not plan.gate else grid.new_empty(n, grid.shape[2])  # β ẑ_t
         alpha_all = keys.new_empty(n, keys.shape[1])
         beta_all = h0.new_empty(n, 1) if plan.gate else None
-        # On a CPU with AVX-512, the per-word matmuls of these few rows run in capattn's kernels
+        # On a CPU with AVX-512 or AVX2, the per-word matmuls of these few rows run in capattn's kernels
         # (native.matmul_nt, _nn), faster than MKL's (native.takes); elsewhere, torch's.
         small = native.small_matmuls(h0, w_ih, w_rec, b_rec)
         fused_buf = h0.new_empty(running[0], w_rec.shape[0]) if small else None

@@ -6,9 +6,10 @@ with a rational tanh (at most 6 float32 ULP from the exact value). The beams' co
 streams each image's grid once for its K hypotheses, and beam search's top-k over (B·K, V)
 log-probabilities is one pass per row. Measured on a 2-core AVX-512 CPU at the paper's sizes,
 per word of a beam-5 search over 100 images, against PyTorch: the energy 15 → 7.6 ms, the
-context 10.3 → 8 ms, the top-k 3.1 → 0.9 ms (README, "Speed"). And where built with AVX-512, the
-per-word matmuls where MKL runs far below its peak (``matmul_nt``, ``matmul_nn``; ``takes`` says
-where): the training loop's products of the captions still running, by the same weights at every
+context 10.3 → 8 ms, the top-k 3.1 → 0.9 ms (README, "Speed"). And where built with AVX-512 or
+with AVX2 and FMA (8-lane versions of the same kernels, for most laptops' CPUs), the per-word
+matmuls where MKL runs far below its peak (``matmul_nt``, ``matmul_nn``; ``takes`` says where):
+the training loop's products of the captions still running, by the same weights at every
 word; a decoding step's W_r, W_z, L_z and output layer at any number of hypotheses; the attention
 keys' projection; and, over a training batch's positions, the gates' word part, and L_z's and the
 output layer's forward and input gradient.
@@ -170,8 +171,8 @@ def takes(rows: int, weight: Tensor) -> bool:
 
 def small_matmuls(*tensors: Tensor) -> bool:
     """Whether ``matmul_nt`` and ``matmul_nn`` can take these tensors: ``usable``, each with its last
-    dimension contiguous, and the kernels built with AVX-512 (elsewhere they are not built, and
-    torch's matmul is the one to use). ``CAPATTN_SMALL_MATMULS=0`` turns them alone off: their row
+    dimension contiguous, and the kernels built with AVX-512 or AVX2 and FMA (elsewhere they are not
+    built, and torch's matmul is the one to use). ``CAPATTN_SMALL_MATMULS=0`` turns them alone off: their row
     ranges were measured on one CPU (an AMD EPYC); ``benchmarks/bench_matmul.py`` shows whether they
     pay on yours."""
     if os.environ.get("CAPATTN_SMALL_MATMULS", "1") == "0":
@@ -243,7 +244,7 @@ def matmul_nn(a: Tensor, b: Tensor, out: Tensor, *, accumulate: bool = False) ->
 
 def _linear_takes(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether x (…, K) weightᵀ + bias runs in ``matmul_nt``: CPU float32, no autocast or compile,
-    the kernels built with AVX-512, and where the kernel pays (``takes``)."""
+    the kernels built with AVX-512 or AVX2, and where the kernel pays (``takes``)."""
     if bias is None or torch.is_autocast_enabled(x.device.type) or not small_matmuls(x, weight, bias):
         return False
     return takes(x.numel() // max(x.shape[-1], 1), weight)
