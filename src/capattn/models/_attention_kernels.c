@@ -15,7 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 /* AVX2 with FMA, and no AVX-512 (most laptops: Intel's since 2013, AMD's before Zen 4): 8-lane
@@ -26,6 +26,12 @@
 #define CAPATTN_AVX2 1
 #else
 #define CAPATTN_AVX2 0
+#endif
+/* The 8-lane matmul kernels: in AVX2 builds, and in AVX-512 ones for x W^T at few rows (below). */
+#if defined(__AVX2__) && defined(__FMA__)
+#define CAPATTN_LANES8 1
+#else
+#define CAPATTN_LANES8 0
 #endif
 
 /* tanh(x) = x P(x^2) / Q(x^2), x clamped to [-10, 10] (beyond, tanh is 1 in float32). P (degree
@@ -397,7 +403,7 @@ static inline __attribute__((always_inline)) void nn_tile(const float *A, long l
 }
 #endif
 
-#if CAPATTN_AVX2
+#if CAPATTN_LANES8
 /* The same two kernels on 8 lanes and 16 registers: A B in tiles of 6 rows by 16 columns (12
  * accumulators, as BLIS's Haswell kernel); x W^T in tiles of 12 rows of W by 8 rows of x, or 6 by 16. */
 #define NN8_ROWS 6
@@ -419,6 +425,7 @@ static inline __attribute__((always_inline)) void store8(float *p, __m256 v, int
     else _mm256_maskstore_ps(p, mask, v);
 }
 
+#if CAPATTN_AVX2 /* (AVX-512 builds keep their 16-lane A B at every row count) */
 /* nn_tile on 16 columns: C[:rows, :16] (+)= A[:rows, :kn] . B[:kn, :16]; `full`: all 16 columns exist. */
 static inline __attribute__((always_inline)) void nn_tile8(const float *A, long lda, const float *B, long ldb,
                                                            float *C, long ldc, const float *bias, int mode, int rows,
@@ -483,6 +490,8 @@ static void matmul_nn8(const float *A, long lda, const float *B, long ldb, float
         }
     }
 }
+
+#endif
 
 /* nt_tile on 8 lanes: R rows of W (at most 12) against NB vectors (8 rows of x each) of the packed x^T. */
 static inline __attribute__((always_inline)) void nt_tile8(const float *W, long ldw, const float *packed, int NB,
@@ -748,9 +757,34 @@ static void nt_part(const float *X, long ldx, const float *W, long ldw, float *C
  * 145-202); else of up to 4 MB of packed X (19,600 rows of 512, all packed at once, ran at 97-114
  * GFLOP/s; in parts of 2,048 rows, at 164-203). Returns 0, 1 where memory ran out, -1 where not
  * built (neither AVX-512 nor AVX2). */
+#if CAPATTN_LANES8
+/* x W^T in the 8-lane kernels: parts as in capattn_matmul_nt, each packed in blocks of 16 rows. */
+static int matmul_nt8(const float *X, long ldx, const float *W, long ldw, float *C, long ldc, const float *bias,
+                      long M, long N, long K, int mode) {
+    long part = K > 1024 ? 64 : NT_PART_FLOATS / K / 16 * 16;
+    part = M <= 64 ? M : (part < 64 ? 64 : (part > M ? M : part));
+    float *packed = aligned_alloc(64, sizeof(float) * (size_t)(K * ((part + 15) / 16 * 16)));
+    if (!packed) return 1;
+    for (long r0 = 0; r0 < M; r0 += part) {
+        const long m = M - r0 < part ? M - r0 : part;
+        nt_part8(X + r0 * ldx, ldx, W, ldw, C + r0 * ldc, ldc, bias, m, N, K, mode, packed);
+    }
+    free(packed);
+    return 0;
+}
+#endif
+
+/* Up to this many rows of x, AVX-512 builds too take the 8-lane kernel: on the AMD EPYC (Zen 4, which
+ * runs a 16-lane FMA as two 8-lane halves) its tiles of 12 rows of W by 8 rows of x, or 6 by 16, wasted
+ * fewer lanes (RESULTS.md, nineteenth session). */
+#define NT8_MAX_ROWS 16
+
 int capattn_matmul_nt(const float *X, long ldx, const float *W, long ldw, float *C, long ldc, const float *bias,
                       long M, long N, long K, int mode) {
 #if defined(__AVX512F__)
+#if CAPATTN_LANES8
+    if (M <= NT8_MAX_ROWS) return matmul_nt8(X, ldx, W, ldw, C, ldc, bias, M, N, K, mode);
+#endif
     long part = K > 1024 ? 64 : NT_PART_FLOATS / K / 32 * 32;
     part = M <= 64 ? M : (part < 64 ? 64 : (part > M ? M : part));
     const long room = part > 64 ? (part + 31) / 32 * 32 : (part <= 16 ? 16 : (part <= 32 ? 32 : 64));
@@ -763,17 +797,7 @@ int capattn_matmul_nt(const float *X, long ldx, const float *W, long ldw, float 
     free(packed);
     return 0;
 #elif CAPATTN_AVX2
-    /* parts as above; each part's packing is blocks of 16 rows, K x 16 floats each */
-    long part = K > 1024 ? 64 : NT_PART_FLOATS / K / 16 * 16;
-    part = M <= 64 ? M : (part < 64 ? 64 : (part > M ? M : part));
-    float *packed = aligned_alloc(64, sizeof(float) * (size_t)(K * ((part + 15) / 16 * 16)));
-    if (!packed) return 1;
-    for (long r0 = 0; r0 < M; r0 += part) {
-        const long m = M - r0 < part ? M - r0 : part;
-        nt_part8(X + r0 * ldx, ldx, W, ldw, C + r0 * ldc, ldc, bias, m, N, K, mode, packed);
-    }
-    free(packed);
-    return 0;
+    return matmul_nt8(X, ldx, W, ldw, C, ldc, bias, M, N, K, mode);
 #else
     (void)X, (void)ldx, (void)W, (void)ldw, (void)C, (void)ldc, (void)bias, (void)M, (void)N, (void)K, (void)mode;
     return -1;
