@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import platform
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +28,23 @@ B, K, L, A, D, H = 4, 3, 11, 37, 45, 6
 # "default" and "avx2" are the same build.
 X86_FLAGS = {"avx2": "-mno-avx512f", "portable": "-mno-avx512f -mno-avx2 -mno-fma"}
 BUILDS = ["default"] + (list(X86_FLAGS) if platform.machine() in ("x86_64", "AMD64") else [])
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return {flag for line in lines if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def small_matmuls_built(build: str) -> bool:
+    """Whether this build has the small-matmul kernels on this CPU: AVX-512 (the default build), or
+    AVX2 with FMA; never the portable build, nor a CPU without either (e.g. ARM)."""
+    flags = _cpu_flags()
+    if build == "portable":
+        return False
+    return (build == "default" and "avx512f" in flags) or {"avx2", "fma"} <= flags
 
 
 @pytest.fixture(params=BUILDS)
@@ -162,7 +180,7 @@ def _close_to_float64(got: torch.Tensor, expected: torch.Tensor, k: int) -> None
 def test_small_matmuls_match_the_float64_product(build, rows):
     n, k = 101, 70
     x, weight, a, b, bias, out = _small_matmul_operands(rows, n, k, seed=rows)
-    if build == "portable":  # built without AVX2: not offered, the loop keeps torch's matmul
+    if not small_matmuls_built(build):  # not offered: the loop keeps torch's matmul
         assert not native.small_matmuls(x)
         return
     assert native.small_matmuls(x, weight)
@@ -191,8 +209,8 @@ def test_matmul_nt_goes_through_x_in_parts(build, rows, k):
     """Many rows go through in parts whose packing stays in cache, W read once per part: of 64 rows
     past 1,024 columns (the last part of 1, 16, 36 or 22 rows here), else of up to 4 MB (1,024 rows
     of 1,024; 1,024 + 1,024 + 52 of 1,000). Every part's sums match float64, with bias and accumulate."""
-    if build == "portable":
-        pytest.skip("built without AVX2: the small-matmul kernels are not offered")
+    if not small_matmuls_built(build):
+        pytest.skip("this build has no small-matmul kernels on this CPU (neither AVX-512 nor AVX2 with FMA)")
     x, weight, _, _, bias, out = _small_matmul_operands(rows, 29, k, seed=rows)
     before = out.clone()
     assert native.matmul_nt(x, weight, out, bias=bias)
@@ -207,8 +225,8 @@ def test_matmul_nn_sums_over_blocks_of_b_rows(build, rows, depth, width):
     """A B goes through B's rows in blocks of 128, each block adding to C: one whole block, a block
     and one row, 2 blocks and 44 rows, W_r's 2,561 rows (20 blocks and 1); B a view of a wider
     matrix, as W_z is of the LSTM's W_ih. Sums match float64, with and without accumulate."""
-    if build == "portable":
-        pytest.skip("built without AVX2: the small-matmul kernels are not offered")
+    if not small_matmuls_built(build):
+        pytest.skip("this build has no small-matmul kernels on this CPU (neither AVX-512 nor AVX2 with FMA)")
     _, _, a, b, _, _ = _small_matmul_operands(rows, depth, width, seed=depth)
     c = torch.randn(rows, width + 2)[:, 1 : 1 + width]
     before = c.clone()
@@ -220,8 +238,8 @@ def test_matmul_nn_sums_over_blocks_of_b_rows(build, rows, depth, width):
 
 def test_small_matmuls_give_the_same_result_on_any_number_of_threads(build):
     """Each output is summed in one fixed order by one thread: a run is repeatable bit for bit."""
-    if build == "portable":
-        pytest.skip("built without AVX2: the small-matmul kernels are not offered")
+    if not small_matmuls_built(build):
+        pytest.skip("this build has no small-matmul kernels on this CPU (neither AVX-512 nor AVX2 with FMA)")
     x, weight, a, b, bias, out = _small_matmul_operands(32, 301, 130, seed=0)
     results = []
     threads = torch.get_num_threads()
