@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic writes survive a kill, and every bad file is refused in one line without running code."""
+"""Checkpoint files (``capattn.io``, ``capattn.checkpointing``): atomic writes survive a kill, and every
+bad file is refused in one line without running code."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import time
 import pytest
 import torch
 
-from capattn.checkpointing import CheckpointError, find_last_checkpoint, load_checkpoint, save_atomic
+from capattn.checkpointing import find_last_checkpoint
+from capattn.io import CheckpointError, load_checkpoint, save_atomic
 
 
 def checkpoint(step: int, size: int = 1) -> dict:
@@ -25,7 +27,7 @@ def test_kill_during_checkpoint_writing_leaves_the_previous_file_loadable(tmp_pa
     writer = textwrap.dedent(
         f"""
         import torch
-        from capattn.checkpointing import save_atomic
+        from capattn.io import save_atomic
         step = 0
         while True:
             step += 1

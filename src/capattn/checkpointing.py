@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from capattn.errors import CapattnError
 
 # Checkpoint files are read and written in capattn.io, which needs no Lightning (``capattn caption``).
-from capattn.io import DATA_KEY, VOCAB_KEY, CheckpointError, load_checkpoint, save_atomic  # noqa: F401
+from capattn.io import load_checkpoint, save_atomic
 
 LAST = "last"
 # `capattn fit` exits with this after SIGTERM (or SLURM's preemption warning) once last.ckpt is saved:

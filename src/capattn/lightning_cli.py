@@ -41,12 +41,11 @@ from capattn.checkpointing import (
     LastCheckpoint,
     StopOnNonFinite,
     find_last_checkpoint,
-    load_checkpoint,
     resumable,
 )
 from capattn.data.datamodule import CaptionDataModule
 from capattn.errors import ConfigError
-from capattn.io import run_dir
+from capattn.io import load_checkpoint, run_dir
 from capattn.module import CaptioningModule
 
 log = logging.getLogger("capattn.cli")

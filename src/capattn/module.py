@@ -15,11 +15,10 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 
-from capattn.checkpointing import DATA_KEY, VOCAB_KEY
 from capattn.data.records import CaptionBatch
 from capattn.decoding import Captions, beam_search
 from capattn.errors import ConfigError, NonFiniteLossError, VocabularyMismatchError
-from capattn.io import coco_image_id, run_dir, write_json_atomic
+from capattn.io import DATA_KEY, VOCAB_KEY, coco_image_id, run_dir, write_json_atomic
 from capattn.metrics import SCORERS, CaptionScorer
 from capattn.models.decoders import CaptionDecoder, DecoderOutput
 from capattn.models.encoder import EncoderOutput, ImageEncoder
