@@ -746,23 +746,17 @@ static void nt_part(const float *X, long ldx, const float *W, long ldw, float *C
 
 #define NT_PART_FLOATS (1L << 20) /* 4 MB of packed X */
 
-/* C (M, N) (+)= X (M, K) . W^T, W (N, K), for the loop's forward (W: W_z or W_r, one row per output
- * column) and decoding's step. Computed as C^T = W X^T so that the weight is the broadcast operand,
- * read once row by row, and the rows of X are the packed one (K x 16, 32 or 64, shared by the
- * threads): tiles of 12 rows of W by 16 or 32 rows of X (6 by 64 for 33-64 rows). Past 64 rows, X
- * is packed in blocks of 32 rows (the last of at most 16 rows, 16 wide) and each tile of W is
- * multiplied by every block while it is in cache. X goes through in parts, W read once per part:
- * of 64 rows (one block) where X has more than 1,024 columns, so that its packing (512 KB) stays in
- * L2 (with all of X packed at once, W_z ran at 104-130 GFLOP/s past 64 rows, level with MKL; so, at
- * 145-202); else of up to 4 MB of packed X (19,600 rows of 512, all packed at once, ran at 97-114
- * GFLOP/s; in parts of 2,048 rows, at 164-203). Returns 0, 1 where memory ran out, -1 where not
- * built (neither AVX-512 nor AVX2). */
+/* How many rows of X go through in one part (see capattn_matmul_nt), parts rounded to `block` rows. */
+static inline long nt_part_rows(long M, long K, long block) {
+    const long part = K > 1024 ? 64 : NT_PART_FLOATS / K / block * block;
+    return M <= 64 ? M : (part < 64 ? 64 : (part > M ? M : part));
+}
+
 #if CAPATTN_LANES8
 /* x W^T in the 8-lane kernels: parts as in capattn_matmul_nt, each packed in blocks of 16 rows. */
 static int matmul_nt8(const float *X, long ldx, const float *W, long ldw, float *C, long ldc, const float *bias,
                       long M, long N, long K, int mode) {
-    long part = K > 1024 ? 64 : NT_PART_FLOATS / K / 16 * 16;
-    part = M <= 64 ? M : (part < 64 ? 64 : (part > M ? M : part));
+    const long part = nt_part_rows(M, K, 16);
     float *packed = aligned_alloc(64, sizeof(float) * (size_t)(K * ((part + 15) / 16 * 16)));
     if (!packed) return 1;
     for (long r0 = 0; r0 < M; r0 += part) {
@@ -779,14 +773,25 @@ static int matmul_nt8(const float *X, long ldx, const float *W, long ldw, float 
  * fewer lanes (RESULTS.md, nineteenth session). */
 #define NT8_MAX_ROWS 16
 
+/* C (M, N) (+)= X (M, K) . W^T, W (N, K), for the loop's forward (W: W_z or W_r, one row per output
+ * column) and decoding's step. Computed as C^T = W X^T so that the weight is the broadcast operand,
+ * read once row by row, and the rows of X are the packed one (K x 16, 32 or 64, shared by the
+ * threads): tiles of 12 rows of W by 16 or 32 rows of X (6 by 64 for 33-64 rows). Past 64 rows, X
+ * is packed in blocks of 32 rows (the last of at most 16 rows, 16 wide) and each tile of W is
+ * multiplied by every block while it is in cache. X goes through in parts, W read once per part:
+ * of 64 rows (one block) where X has more than 1,024 columns, so that its packing (512 KB) stays in
+ * L2 (with all of X packed at once, W_z ran at 104-130 GFLOP/s past 64 rows, level with MKL; so, at
+ * 145-202); else of up to 4 MB of packed X (19,600 rows of 512, all packed at once, ran at 97-114
+ * GFLOP/s; in parts of 2,048 rows, at 164-203). That is the AVX-512 code past NT8_MAX_ROWS rows;
+ * below, and in AVX2 builds, the 8-lane one (matmul_nt8). Returns 0, 1 where memory ran out, -1
+ * where not built (neither AVX-512 nor AVX2). */
 int capattn_matmul_nt(const float *X, long ldx, const float *W, long ldw, float *C, long ldc, const float *bias,
                       long M, long N, long K, int mode) {
 #if defined(__AVX512F__)
 #if CAPATTN_LANES8
     if (M <= NT8_MAX_ROWS) return matmul_nt8(X, ldx, W, ldw, C, ldc, bias, M, N, K, mode);
 #endif
-    long part = K > 1024 ? 64 : NT_PART_FLOATS / K / 32 * 32;
-    part = M <= 64 ? M : (part < 64 ? 64 : (part > M ? M : part));
+    const long part = nt_part_rows(M, K, 32);
     const long room = part > 64 ? (part + 31) / 32 * 32 : (part <= 16 ? 16 : (part <= 32 ? 32 : 64));
     float *packed = aligned_alloc(64, sizeof(float) * (size_t)(K * room));
     if (!packed) return 1;
