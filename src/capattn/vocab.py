@@ -25,10 +25,10 @@ def tokenize(text: str) -> list[str]:
 def words_of(tokens: Any, itos: Sequence[str], *, eos: int, pad: int) -> list[str]:
     """A caption's words up to and including ``<eos>`` (each has an attention map), pads dropped.
 
-    ``tokens``: a (T,) tensor of ids, or a sequence of ints.
+    ``tokens``: a (T,) tensor of ids (this module does not import torch, hence ``Any``).
     """
     words = []
-    for i in tokens.tolist() if hasattr(tokens, "tolist") else tokens:
+    for i in tokens.tolist():
         if i == pad:
             break
         words.append(itos[i])
