@@ -101,8 +101,3 @@ def tutorial_beam_search(
             finished = list(zip(scores.tolist(), seqs.tolist(), strict=True))
         best.append(max(finished, key=lambda x: x[0])[1])
     return best
-
-
-def tutorial_greedy(dec: ShowAttendTellDecoder, grid: Tensor, *, bos: int, eos: int, pad: int, max_len: int):
-    """Greedy decoding, one image at a time, autograd on: the tutorial's beam search with k = 1."""
-    return tutorial_beam_search(dec, grid, bos=bos, eos=eos, pad=pad, beam_size=1, max_len=max_len)
