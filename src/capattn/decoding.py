@@ -145,9 +145,10 @@ def _fp32_detour(enc: EncoderOutput) -> bool:
 
 
 def _in_fp32(decoder: CaptionDecoder, enc: EncoderOutput) -> EncoderOutput:
-    """``enc`` in the decoder's dtype: under autocast the encoder's features may arrive in bf16."""
+    """``enc`` in the decoder's dtype: under autocast the encoder's features may arrive in bf16. (Its
+    ``cached_grid`` stays float16: it holds the same values as the grid.)"""
     dtype = next((p.dtype for p in decoder.parameters() if p.is_floating_point()), torch.float32)
-    return tree_map(lambda x: x.to(dtype) if x.is_floating_point() else x, enc)
+    return dataclasses.replace(enc, grid=enc.grid.to(dtype), pooled=enc.pooled.to(dtype))
 
 
 def _fp32_on_cpu(search: Callable[..., Captions]) -> Callable[..., Captions]:

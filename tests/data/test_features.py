@@ -73,6 +73,10 @@ def test_cached_features_equal_the_encoder_on_every_split(tmp_path):
         torch.testing.assert_close(pooled.float(), expected.pooled, rtol=2e-3, atol=2e-3)
     batch = next(iter(cached.val_dataloader()))
     assert batch.images is None and batch.features.grid.shape == (4, 36, 32)
+    # on the device, the model gets float32, and on a CPU the cached float16 grid beside it (decoding reads it)
+    features = cached.on_after_batch_transfer(batch, 0).features
+    assert features.grid.dtype == features.pooled.dtype == torch.float32
+    assert features.cached_grid is batch.features.grid and torch.equal(features.cached_grid.float(), features.grid)
 
 
 def test_interrupted_build_resumes_without_recomputing_written_rows(tmp_path):

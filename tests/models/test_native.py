@@ -124,6 +124,24 @@ def test_energy_and_context_take_a_varying_number_of_queries_per_image(build):
         native.energy(keys, query, w, 0.0, starts.flip(0))
 
 
+def test_context_reads_a_float16_grid_to_the_bit(build):
+    """A grid of float16 values (as the feature cache stores them) read in float16 gives the float32
+    grid's context bit for bit, K per image and with row offsets; the portable build cannot read it."""
+    g = torch.Generator().manual_seed(2)
+    half = torch.randn(B, L, D, generator=g).half()  # D = 45: 16-, 8-lane and scalar parts; L = 11: 4-row blocks and single rows
+    grid, alpha = half.float(), torch.rand(B, K, L, generator=g).softmax(-1)
+    if build == "portable":
+        assert not native.context_reads(half) and native.context_reads(grid)
+        return
+    assert native.context_reads(half)
+    context = native.context(half, alpha)  # (B, K, D)
+    assert context.dtype == torch.float32 and torch.equal(context, native.context(grid, alpha))
+    torch.testing.assert_close(context, torch.bmm(alpha, grid), rtol=1e-5, atol=1e-5)
+    starts = torch.tensor([0, 2, 2, 3, 5])  # 2, 0, 1, 2 rows
+    rows = torch.rand(5, L, generator=g).softmax(-1)
+    assert torch.equal(native.context(half, rows, starts), native.context(grid, rows, starts))
+
+
 def test_grid_times_matches_the_formula(build):
     g = torch.Generator().manual_seed(6)
     grid, vectors = torch.randn(B, L, D, generator=g), torch.randn(B, D, generator=g)
@@ -392,6 +410,38 @@ def test_searches_give_the_same_captions_with_and_without_kernels(kernels, beam_
     plain = search()
     assert torch.equal(fused.tokens, plain.tokens)
     torch.testing.assert_close(fused.scores, plain.scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_searches_that_read_the_cached_float16_grid_give_the_same_captions_and_scores(build, beam_size):
+    """With ``EncoderOutput.cached_grid`` (a batch from the feature cache), decoding on a CPU reads the
+    float16 grid for its context: the same tokens and scores, bit for bit, as from the float32 grid,
+    through greedy's compaction and beam search's ragged rows."""
+    torch.manual_seed(0)
+    dec = ShowAttendTellDecoder(vocab_size=30, feature_dim=D, embed_dim=8, hidden_dim=H, attention_dim=A).eval()
+    half = torch.randn(40, L, D).half()
+    plain = EncoderOutput(grid=half.float(), pooled=half.float().mean(1))
+    cached = EncoderOutput(grid=plain.grid, pooled=plain.pooled, cached_grid=half)
+    with torch.no_grad():
+        assert (dec.prepare(cached).half_grid is half) == (build != "portable")  # else the float32 grid
+        if beam_size == 1:
+            a, b = (greedy(dec, enc, bos=1, eos=2, pad=0, max_len=12) for enc in (plain, cached))
+        else:
+            a, b = (beam_search(dec, enc, bos=1, eos=2, pad=0, beam_size=3, max_len=12) for enc in (plain, cached))
+    assert (a.tokens == 2).any(), "some captions must end, so that rows leave the batch"
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.scores, b.scores)
+
+
+def test_the_cached_grid_is_left_alone_with_autograd_autocast_or_without_kernels(kernels):
+    dec = ShowAttendTellDecoder(vocab_size=30, feature_dim=D, embed_dim=8, hidden_dim=H, attention_dim=A).eval()
+    half = torch.randn(2, L, D).half()
+    enc = EncoderOutput(grid=half.float(), pooled=half.float().mean(1), cached_grid=half)
+    assert dec.prepare(enc).half_grid is None  # autograd on: the training path
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dec.prepare(enc).half_grid is None
+    kernels()
+    with torch.no_grad():
+        assert dec.prepare(enc).half_grid is None
 
 
 def test_only_the_kernels_let_show_attend_tell_leave_ended_beams_out(kernels):

@@ -586,6 +586,9 @@ class CaptionDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, CaptionBatch) and batch.features is not None and batch.features.grid.is_floating_point():
-            features = EncoderOutput(grid=batch.features.grid.float(), pooled=batch.features.pooled.float())
+            grid = batch.features.grid  # (B, L, D) float16, as cached
+            # On a CPU the float16 grid rides along: decoding reads it for the context (EncoderOutput).
+            cached = grid if grid.dtype == torch.float16 and grid.device.type == "cpu" else None
+            features = EncoderOutput(grid=grid.float(), pooled=batch.features.pooled.float(), cached_grid=cached)
             batch = dataclasses.replace(batch, features=features)
         return batch

@@ -15,7 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 /* AVX2 with FMA, and no AVX-512 (most laptops: Intel's since 2013, AMD's before Zen 4): 8-lane
@@ -251,40 +251,155 @@ int capattn_energy_backward(const float *keys, const float *q, const float *w, c
     return 0;
 }
 
-/* context[r, :] = sum_l alpha[r, l] grid[b, l, :] for the rows r of each image b (FIRST_ROW/LAST_ROW)
- * grid (B, L, D), alpha (N, L), context (N, D). Each image's grid is streamed once for all its
- * hypotheses, four rows at a time: each pass over a context row adds four grid rows, so the
- * context rows (in cache) are read and written a quarter as often as one row at a time
- * (100 images x 196 x 2048, K = 5: 7.3 ms against 12.1 ms; K = 1: 3.8 ms against 5.9 ms). */
+/* ---- The context: context[r, :] = sum_l alpha[r, l] grid[b, l, :] -------------------------------
+ *
+ * For the rows r of each image b (FIRST_ROW/LAST_ROW): grid (B, L, D), alpha (N, L), context (N, D).
+ * Each image's grid is streamed once for all its hypotheses, four rows at a time: each pass over a
+ * context row adds four grid rows, so the context rows (in cache) are read and written a quarter as
+ * often as one row at a time (100 images x 196 x 2048, K = 5: 7.3 ms against 12.1 ms; K = 1: 3.8 ms
+ * against 5.9 ms).
+ *
+ * The grid may also be read in float16, where that is exact. A decoding step reads each image's
+ * whole grid for its context, 160 MB per word for 100 images at 196 x 2048, at the speed of memory;
+ * capattn's feature cache stores grids in float16, and reading those (EncoderOutput.cached_grid)
+ * instead of their float32 copies halves what the context reads (K = 1: 2.6-3.0 ms against 5.1).
+ * Each element is converted in a register (F16C) and goes through the same operations in the same
+ * order as the float32 grid's, written out below (a0 g0, then + a1 g1, + a2 g2, + a3 g3 as fused
+ * multiply-adds, then added to the context), so the two give the same bits. Built with AVX2 and
+ * F16C (every CPU with AVX2 has F16C) or AVX-512; elsewhere capattn_half_available() is 0 and the
+ * float32 grid's sums are plain C. */
+#if CAPATTN_LANES8 && defined(__F16C__)
+#define CAPATTN_HALF 1
+#else
+#define CAPATTN_HALF 0
+#endif
+
+int capattn_half_available(void) { return CAPATTN_HALF; }
+
+/* Element d of a grid row as float32: from a float32 row, or from a float16 one (half). */
+static inline __attribute__((always_inline)) float grid_load1(const void *g, long d, int half) {
+#if CAPATTN_HALF
+    if (half) return _cvtsh_ss(((const unsigned short *)g)[d]);
+#endif
+    (void)half;
+    return ((const float *)g)[d];
+}
+
+#if defined(__AVX512F__)
+static inline __attribute__((always_inline)) __m512 grid_load16(const void *g, long d, int half) {
+    if (half) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const unsigned short *)g + d)));
+    return _mm512_loadu_ps((const float *)g + d);
+}
+#endif
+
+#if CAPATTN_LANES8
+static inline __attribute__((always_inline)) __m256 grid_load8(const void *g, long d, int half) {
+#if CAPATTN_HALF
+    if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const unsigned short *)g + d)));
+#endif
+    return _mm256_loadu_ps((const float *)g + d);
+}
+#endif
+
+/* ck (D) += a0 g0 + a1 g1 + a2 g2 + a3 g3, four grid rows (float32, or float16 with half). */
+static inline __attribute__((always_inline)) void context_add4(float *ck, const void *g0, const void *g1,
+                                                               const void *g2, const void *g3, float a0, float a1,
+                                                               float a2, float a3, long D, int half) {
+    long d = 0;
+#if defined(__AVX512F__)
+    const __m512 v0 = _mm512_set1_ps(a0), v1 = _mm512_set1_ps(a1), v2 = _mm512_set1_ps(a2), v3 = _mm512_set1_ps(a3);
+    for (; d + 16 <= D; d += 16) {
+        __m512 t = _mm512_mul_ps(v0, grid_load16(g0, d, half));
+        t = _mm512_fmadd_ps(v1, grid_load16(g1, d, half), t);
+        t = _mm512_fmadd_ps(v2, grid_load16(g2, d, half), t);
+        t = _mm512_fmadd_ps(v3, grid_load16(g3, d, half), t);
+        _mm512_storeu_ps(ck + d, _mm512_add_ps(_mm512_loadu_ps(ck + d), t));
+    }
+#endif
+#if CAPATTN_LANES8
+    const __m256 u0 = _mm256_set1_ps(a0), u1 = _mm256_set1_ps(a1), u2 = _mm256_set1_ps(a2), u3 = _mm256_set1_ps(a3);
+    for (; d + 8 <= D; d += 8) {
+        __m256 t = _mm256_mul_ps(u0, grid_load8(g0, d, half));
+        t = _mm256_fmadd_ps(u1, grid_load8(g1, d, half), t);
+        t = _mm256_fmadd_ps(u2, grid_load8(g2, d, half), t);
+        t = _mm256_fmadd_ps(u3, grid_load8(g3, d, half), t);
+        _mm256_storeu_ps(ck + d, _mm256_add_ps(_mm256_loadu_ps(ck + d), t));
+    }
+    for (; d < D; d++) { /* the vectors' operations, one lane at a time */
+        float t = a0 * grid_load1(g0, d, half);
+        t = fmaf(a1, grid_load1(g1, d, half), t);
+        t = fmaf(a2, grid_load1(g2, d, half), t);
+        ck[d] += fmaf(a3, grid_load1(g3, d, half), t);
+    }
+#else
+#pragma omp simd
+    for (d = 0; d < D; d++)
+        ck[d] += a0 * grid_load1(g0, d, half) + a1 * grid_load1(g1, d, half) + a2 * grid_load1(g2, d, half) +
+                 a3 * grid_load1(g3, d, half);
+#endif
+}
+
+/* ck (D) += a g, one grid row. */
+static inline __attribute__((always_inline)) void context_add1(float *ck, const void *g, float a, long D, int half) {
+    long d = 0;
+#if defined(__AVX512F__)
+    const __m512 v = _mm512_set1_ps(a);
+    for (; d + 16 <= D; d += 16)
+        _mm512_storeu_ps(ck + d, _mm512_fmadd_ps(v, grid_load16(g, d, half), _mm512_loadu_ps(ck + d)));
+#endif
+#if CAPATTN_LANES8
+    const __m256 u = _mm256_set1_ps(a);
+    for (; d + 8 <= D; d += 8)
+        _mm256_storeu_ps(ck + d, _mm256_fmadd_ps(u, grid_load8(g, d, half), _mm256_loadu_ps(ck + d)));
+    for (; d < D; d++) ck[d] = fmaf(a, grid_load1(g, d, half), ck[d]);
+#else
+#pragma omp simd
+    for (d = 0; d < D; d++) ck[d] += a * grid_load1(g, d, half);
+#endif
+}
+
+/* The context of one image's n rows from its grid rows g (L x D; float32, or float16 with half). */
+static inline __attribute__((always_inline)) void context_image(const void *g, const float *al, float *c, long n,
+                                                                long L, long D, int half) {
+    const size_t row = half ? sizeof(unsigned short) : sizeof(float);
+#define GRID_ROW(l) ((const char *)g + (size_t)(l) * (size_t)D * row)
+    memset(c, 0, sizeof(float) * (size_t)(n * D));
+    long l = 0;
+    for (; l + 4 <= L; l += 4)
+        for (long k = 0; k < n; k++) {
+            const float *a = al + k * L + l;
+            context_add4(c + k * D, GRID_ROW(l), GRID_ROW(l + 1), GRID_ROW(l + 2), GRID_ROW(l + 3), a[0], a[1], a[2],
+                         a[3], D, half);
+        }
+    for (; l < L; l++)
+        for (long k = 0; k < n; k++) context_add1(c + k * D, GRID_ROW(l), al[k * L + l], D, half);
+#undef GRID_ROW
+}
+
 void capattn_context(const float *grid, const float *alpha, float *context, long B, long K, long L, long D,
                      const long *starts) {
 #pragma omp parallel for schedule(static)
     for (long b = 0; b < B; b++) {
-        const long r0 = FIRST_ROW(b), n = LAST_ROW(b) - r0;
-        const float *al = alpha + r0 * L;
-        float *c = context + r0 * D;
-        memset(c, 0, sizeof(float) * (size_t)(n * D));
-        long l = 0;
-        for (; l + 4 <= L; l += 4) {
-            const float *g0 = grid + (b * L + l) * D, *g1 = g0 + D, *g2 = g1 + D, *g3 = g2 + D;
-            for (long k = 0; k < n; k++) {
-                const float *a = al + k * L + l;
-                float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
-                float *ck = c + k * D;
-#pragma omp simd
-                for (long d = 0; d < D; d++) ck[d] += a0 * g0[d] + a1 * g1[d] + a2 * g2[d] + a3 * g3[d];
-            }
-        }
-        for (; l < L; l++) {
-            const float *g = grid + (b * L + l) * D;
-            for (long k = 0; k < n; k++) {
-                float a = al[k * L + l];
-                float *ck = c + k * D;
-#pragma omp simd
-                for (long d = 0; d < D; d++) ck[d] += a * g[d];
-            }
-        }
+        const long r0 = FIRST_ROW(b);
+        context_image(grid + b * L * D, alpha + r0 * L, context + r0 * D, LAST_ROW(b) - r0, L, D, 0);
     }
+}
+
+/* capattn_context of a float16 grid (an exact copy from capattn_to_half_exact): the same sums, to
+ * the bit. Returns 0, or -1 where not built (capattn_half_available() is 0). */
+int capattn_context_half(const unsigned short *grid, const float *alpha, float *context, long B, long K, long L,
+                         long D, const long *starts) {
+#if CAPATTN_HALF
+#pragma omp parallel for schedule(static)
+    for (long b = 0; b < B; b++) {
+        const long r0 = FIRST_ROW(b);
+        context_image(grid + b * L * D, alpha + r0 * L, context + r0 * D, LAST_ROW(b) - r0, L, D, 1);
+    }
+    return 0;
+#else
+    (void)grid, (void)alpha, (void)context, (void)B, (void)K, (void)L, (void)D, (void)starts;
+    return -1;
+#endif
 }
 
 /* The k largest values of each row of x (R, V) and their column indices, largest first, for beam

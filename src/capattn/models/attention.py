@@ -47,7 +47,8 @@ class SoftAttention(nn.Module):
 
         Args:
             keys: (B, L, A) from ``project_keys``.
-            grid: (B, L, D) annotation vectors.
+            grid: (B, L, D) annotation vectors; decoding on a CPU, also their float16 copy where the
+                kernels read it (``native.context_reads``).
             query: (B*K, A) ``W_h h_{t−1}`` (bias included) of K hypotheses per image; K = 1 in training.
             starts: (B + 1,) int64 row offsets where images have different numbers of hypotheses
                 (image b's are rows starts[b] … starts[b+1]−1; beam search without its ended beams).
@@ -79,7 +80,7 @@ class SoftAttention(nn.Module):
         # The fused kernel does it faster than MKL's bmm: 100 images × 196 × 2048 at K = 5, 7.7 ms
         # against 11.9; at K = 1 (greedy), 5.2-6.0 against 5.6-6.6 on the 2-core AMD EPYC (seventeenth
         # session; level on the Intel Xeon of the fifth, where bmm kept that case).
-        if cpu_decoding and native.usable(alpha, grid):
+        if cpu_decoding and native.usable(alpha) and native.context_reads(grid):
             context = native.context(grid, alpha)  # (B, K, D)
         else:
             context = torch.bmm(alpha, grid)  # (B, K, D)

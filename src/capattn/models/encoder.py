@@ -45,10 +45,15 @@ class EncoderOutput:
     Args:
         grid: (B, L, D) annotation vectors a_i, one per image location (Xu et al.).
         pooled: (B, D) global image vector (Vinyals et al.).
+        cached_grid: (B, L, D) float16, the grid as the feature cache stores it, where a batch on a
+            CPU came from the cache (``grid`` then holds the same values in float32); None
+            otherwise. Decoding on a CPU reads it for the context, half the memory traffic, with the
+            same results (``ShowAttendTellDecoder.prepare``). ``to`` leaves it out.
     """
 
     grid: Tensor
     pooled: Tensor
+    cached_grid: Tensor | None = None
 
     def to(self, *args, **kwargs) -> EncoderOutput:
         return EncoderOutput(self.grid.to(*args, **kwargs), self.pooled.to(*args, **kwargs))

@@ -22,7 +22,8 @@ compiler flags (e.g. ``-mno-avx512f`` builds the portable code, as the tests do 
 Where no compiler or OpenMP is found, one warning says so and attention runs in PyTorch: the same
 results to float rounding, slower. ``CAPATTN_NATIVE=0`` turns the kernels off.
 
-Used only on CPU float32 tensors; GPUs, autocast and other dtypes take the PyTorch path.
+Used only on CPU float32 tensors (the context also reads a float16 grid: the feature cache's, at half
+the memory traffic); GPUs, autocast and other dtypes take the PyTorch path.
 ``bf16_in_hardware`` says whether a device multiplies bf16 natively (bf16-mixed's warning, Show and
 Tell's LSTM under CPU autocast).
 """
@@ -125,6 +126,10 @@ def kernels() -> ctypes.CDLL | None:
     lib.capattn_energy_backward.restype = ctypes.c_int
     lib.capattn_context.argtypes = [_PTR] * 3 + [_LONG] * 4 + [_PTR]
     lib.capattn_context.restype = None
+    lib.capattn_context_half.argtypes = [_PTR] * 3 + [_LONG] * 4 + [_PTR]
+    lib.capattn_context_half.restype = ctypes.c_int
+    lib.capattn_half_available.argtypes = []
+    lib.capattn_half_available.restype = ctypes.c_int
     lib.capattn_topk.argtypes = [_PTR] * 3 + [_LONG] * 3
     lib.capattn_topk.restype = None
     lib.capattn_grid_times.argtypes = [_PTR] * 3 + [_LONG] * 3
@@ -305,18 +310,19 @@ def addmm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor | None:
 def _per_image(memory: Tensor, rows: Tensor, starts: Tensor | None, width: int) -> tuple[int, Tensor, int | None]:
     """K, an empty output and the offsets' pointer for the kernels, after checking ``starts``.
 
-    ``rows`` are (B, K, ·), K per image of ``memory`` (B, L, ·): the output is (B, K, width). With
+    ``rows`` are (B, K, ·), K per image of ``memory`` (B, L, ·): the output is (B, K, width), in
+    ``rows``' dtype (a float16 grid's context is float32, as its α). With
     ``starts`` (B + 1 offsets) they are (N, ·) image-major and the output (N, width); K is then 0.
     """
     batch = memory.shape[0]
     if starts is None:
-        return rows.shape[1], memory.new_empty(batch, rows.shape[1], width), None
+        return rows.shape[1], memory.new_empty(batch, rows.shape[1], width, dtype=rows.dtype), None
     n = rows.shape[0]
     if starts.dtype != torch.long or starts.device.type != "cpu" or starts.shape != (batch + 1,):
         raise ValueError(f"starts must be a CPU int64 tensor of {batch + 1} row offsets, got {tuple(starts.shape)}")
     if not starts.is_contiguous() or int(starts[0]) != 0 or int(starts[-1]) != n or bool((starts.diff() < 0).any()):
         raise ValueError(f"starts must rise from 0 to the {n} rows, one offset per image and one past the last")
-    return 0, memory.new_empty(n, width), _ptr(starts)
+    return 0, memory.new_empty(n, width, dtype=rows.dtype), _ptr(starts)
 
 
 def energy(keys: Tensor, query: Tensor, weight: Tensor, bias: float, starts: Tensor | None = None) -> Tensor:
@@ -369,15 +375,29 @@ def energy_backward(
     return d_query, d_weight
 
 
+def context_reads(grid: Tensor) -> bool:
+    """Whether ``context`` takes this grid: CPU float32, or CPU float16 where the kernels convert it
+    (built with AVX2 and F16C, or AVX-512)."""
+    if grid.dtype == torch.float16 and grid.device.type == "cpu" and not torch.compiler.is_compiling():
+        return kernels() is not None and bool(kernels().capattn_half_available())
+    return usable(grid)
+
+
 def context(grid: Tensor, alpha: Tensor, starts: Tensor | None = None) -> Tensor:
     """Σ_l α_l grid_l for each image's attention maps, without autograd.
 
     (B, L, D), (B, K, L) → (B, K, D); with ``starts`` (see ``energy``), (B, L, D), (N, L) → (N, D).
+    The grid is float32, or float16 (``context_reads``): a float16 grid holding the same values
+    as a float32 one gives the same sums, to the bit, read at half the memory traffic.
     """
     grid, alpha = grid.contiguous(), alpha.contiguous()
     (batch, locations, dim) = grid.shape
     k, out, ptr = _per_image(grid, alpha, starts, dim)
-    kernels().capattn_context(_ptr(grid), _ptr(alpha), _ptr(out), batch, k, locations, dim, ptr)
+    args = (_ptr(grid), _ptr(alpha), _ptr(out), batch, k, locations, dim, ptr)
+    if grid.dtype != torch.float16:
+        kernels().capattn_context(*args)
+    elif kernels().capattn_context_half(*args) != 0:
+        raise RuntimeError("capattn's kernels were built without float16 conversions (see context_reads)")
     return out
 
 
