@@ -248,10 +248,18 @@ def caption_batch(
 
 
 def features(batch: int, feature_dim: int, *, seed: int = 0, device: torch.device | str = "cpu") -> EncoderOutput:
-    """Cached-feature stand-ins: a (B, 196, D) grid and its mean, no gradient (the encoder is frozen)."""
+    """Cached-feature stand-ins, as the datamodule hands a batch from the feature cache to the model:
+    a (B, 196, D) grid of float16 values in float32 and its mean, no gradient (the encoder is frozen),
+    and on a CPU the float16 grid itself (``EncoderOutput.cached_grid``, which decoding reads)."""
     g = torch.Generator().manual_seed(seed)
-    grid = torch.randn(batch, PAPER["grid"], feature_dim, generator=g).relu().to(device)
-    return EncoderOutput(grid=grid, pooled=grid.mean(dim=1))
+    half = torch.randn(batch, PAPER["grid"], feature_dim, generator=g).relu().half()  # (B, L, D), as cached
+    grid = half.float().to(device)
+    return EncoderOutput(grid=grid, pooled=grid.mean(dim=1), cached_grid=half if grid.device.type == "cpu" else None)
+
+
+def encoder_output(enc: EncoderOutput) -> EncoderOutput:
+    """``enc`` as an encoder gives it (images, no feature cache): float32 only, no ``cached_grid``."""
+    return EncoderOutput(grid=enc.grid, pooled=enc.pooled)
 
 
 # --- the compute floor -------------------------------------------------------------------------
