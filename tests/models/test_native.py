@@ -386,6 +386,37 @@ def test_training_gradients_are_the_same_with_and_without_kernels(kernels, grid_
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["pairs", "grouped"])
+def test_training_on_the_cached_float16_grid_gives_the_same_loss_and_gradients(build, grouped, monkeypatch):
+    """With ``EncoderOutput.cached_grid`` the training loop's attention reads the float16 grid (the
+    context and α's gradient): the loss and every gradient are the float32 grid's, bit for bit."""
+    torch.manual_seed(0)
+    dec = ShowAttendTellDecoder(vocab_size=20, feature_dim=D, embed_dim=8, hidden_dim=H, attention_dim=A, dropout=0.0)
+    tokens, lengths = random_captions(40, 9, vocab=20, seed=4)  # unsorted lengths
+    images = 8 if grouped else 40
+    half = torch.randn(images, L, D).half()
+    grid = half.float()
+    image_index = torch.arange(40) % images if grouped else None
+    read: list[torch.dtype] = []
+    for name in ("context", "grid_times"):
+        fn = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda g, *a, fn=fn, **k: read.append(g.dtype) or fn(g, *a, **k))
+
+    def loss_and_grads(cached):
+        enc = EncoderOutput(grid=grid, pooled=grid.mean(1), cached_grid=cached)
+        out = dec(enc, tokens, lengths, image_index=image_index)
+        loss = torch.nn.functional.cross_entropy(out.logits, out.targets) + out.aux_loss
+        return loss, torch.autograd.grad(loss, list(dec.parameters()))
+
+    plain_loss, plain = loss_and_grads(None)
+    assert torch.float16 not in read
+    cached_loss, cached = loss_and_grads(half)
+    assert (torch.float16 in read) == (build != "portable")  # the portable build reads the float32 grid
+    assert torch.equal(cached_loss, plain_loss)
+    for (name, _), got, expected in zip(dec.named_parameters(), cached, plain, strict=True):
+        assert torch.equal(got, expected), name
+
+
 @pytest.mark.parametrize("beam_size", [1, 3])
 @pytest.mark.parametrize("images", [6, 40])
 @pytest.mark.parametrize("decoder", ["show_attend_tell", "show_tell"])

@@ -103,7 +103,9 @@ static inline __m256 tanh8(__m256 x) {
     r = _mm256_mul_ps(r, _mm256_fnmadd_ps(q, r, _mm256_set1_ps(2.0f)));
     return _mm256_mul_ps(_mm256_mul_ps(x, p), r);
 }
+#endif
 
+#if CAPATTN_LANES8
 static inline float sum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -443,18 +445,47 @@ void capattn_topk(const float *x, float *values, long *indices, long R, long V, 
     }
 }
 
+/* A grid row (float32, or float16 with half) times v, D long: the same operations in the same order
+ * for both (see the context above). */
+static inline __attribute__((always_inline)) float grid_dot(const void *g, const float *v, long D, int half) {
+    long d = 0;
+    float s = 0.f;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(grid_load16(g, d, half), _mm512_loadu_ps(v + d), acc);
+    s = _mm512_reduce_add_ps(acc);
+#endif
+#if CAPATTN_LANES8
+    __m256 acc8 = _mm256_setzero_ps();
+    for (; d + 8 <= D; d += 8) acc8 = _mm256_fmadd_ps(grid_load8(g, d, half), _mm256_loadu_ps(v + d), acc8);
+    s += sum8(acc8);
+    for (; d < D; d++) s = fmaf(grid_load1(g, d, half), v[d], s);
+#else
+#pragma omp simd reduction(+ : s)
+    for (d = 0; d < D; d++) s += grid_load1(g, d, half) * v[d];
+#endif
+    return s;
+}
+
 /* out[b, l] = sum_d grid[b, l, d] v[b, d]: each image's grid times its own vector, (B, L, D) and
  * (B, D) -> (B, L), for the attention weights' gradient in training. One call per time step, its
  * rows shared out over the threads (torch.mv per image ran each 1.6 MB product on its own). */
 void capattn_grid_times(const float *grid, const float *v, float *out, long B, long L, long D) {
 #pragma omp parallel for schedule(static)
-    for (long r = 0; r < B * L; r++) {
-        const float *g = grid + r * D, *vb = v + (r / L) * D;
-        float s = 0.f;
-#pragma omp simd reduction(+ : s)
-        for (long d = 0; d < D; d++) s += g[d] * vb[d];
-        out[r] = s;
-    }
+    for (long r = 0; r < B * L; r++) out[r] = grid_dot(grid + r * D, v + (r / L) * D, D, 0);
+}
+
+/* capattn_grid_times of a float16 grid: the same sums, to the bit. Returns 0, or -1 where not built
+ * (capattn_half_available() is 0). */
+int capattn_grid_times_half(const unsigned short *grid, const float *v, float *out, long B, long L, long D) {
+#if CAPATTN_HALF
+#pragma omp parallel for schedule(static)
+    for (long r = 0; r < B * L; r++) out[r] = grid_dot(grid + r * D, v + (r / L) * D, D, 1);
+    return 0;
+#else
+    (void)grid, (void)v, (void)out, (void)B, (void)L, (void)D;
+    return -1;
+#endif
 }
 
 /* ---- Per-word matrix products: the teacher-forced loop's few rows, decoding's output layer --------

@@ -421,17 +421,18 @@ class _TeacherForcedLoop(torch.autograd.Function):
 
     Inputs: h0, c0 (B, H); emb (N, E) word embeddings, time-major; keys (B, L, A); grid (B, L, D);
     w_ih (4H, E + D) and b_ih (4H,) of the LSTM's input; w_rec (A [+1] + 4H, H) and b_rec, the
-    stacked query projection, f_β and W_hh (``_recurrent_weights``); score_w (1, A), score_b (1,).
+    stacked query projection, f_β and W_hh (``_recurrent_weights``); score_w (1, A), score_b (1,);
+    half_grid: the grid in float16 (the feature cache's) or None, see ``LoopAttention``.
     Outputs, time-major: h_t (N, H), the gated context β ẑ_t (N, D), α_t (N, L).
     """
 
     @staticmethod
-    def forward(ctx, h0, c0, emb, keys, grid, w_ih, b_ih, w_rec, b_rec, score_w, score_b, plan):  # type: ignore[override]
+    def forward(ctx, h0, c0, emb, keys, grid, w_ih, b_ih, w_rec, b_rec, score_w, score_b, plan, half_grid):  # type: ignore[override]
         running, e, a = plan.running, plan.embed_dim, plan.att_dim
         n, hid = sum(running), h0.shape[1]
         g0 = a + int(plan.gate)  # the gates' first column in the recurrent matmul's output
         # The score's bias is never read (see LoopAttention): it is an input only to get its gradient, zero.
-        att = LoopAttention(keys, grid, score_w.squeeze(0))
+        att = LoopAttention(keys, grid, score_w.squeeze(0), half_grid=half_grid)
         w_z = w_ih[:, e:]  # (4H, D)
         acts = native.addmm(emb, w_ih[:, :e], b_ih)  # (N, 4H): the word part; then the gates' activations
         if acts is None:  # (the kernel: 4.2 against MKL's 5.1 ms at 368 × 512 by 512 × 2048)
@@ -465,7 +466,7 @@ class _TeacherForcedLoop(torch.autograd.Function):
         ctx.save_for_backward(
             h0, c0, emb, keys, grid, w_ih, w_rec, b_rec, score_w, acts, h_all, c_all, tanh_c, ctx_all, alpha_all
         )  # fmt: skip
-        ctx.saved = (z_all if plan.gate else None, beta_all)
+        ctx.saved = (z_all if plan.gate else None, beta_all, half_grid)
         ctx.plan = plan
         return h_all, ctx_all, alpha_all
 
@@ -491,13 +492,13 @@ class _TeacherForcedLoop(torch.autograd.Function):
         h0, c0, emb, keys, grid, w_ih, w_rec, b_rec, score_w, acts, h_all, c_all, tanh_c, ctx_all, alpha_all = (
             ctx.saved_tensors
         )
-        z_all, beta_all = ctx.saved
+        z_all, beta_all, half_grid = ctx.saved
         plan = ctx.plan
         running, e, a = plan.running, plan.embed_dim, plan.att_dim
         n, hid = h_all.shape
         g0 = a + int(plan.gate)
         needs = ctx.needs_input_grad
-        att = LoopAttention(keys, grid, score_w.squeeze(0), grid_grad=needs[4])
+        att = LoopAttention(keys, grid, score_w.squeeze(0), grid_grad=needs[4], half_grid=half_grid)
         w_z = w_ih[:, e:]  # (4H, D)
         # What the steps' derivatives multiply, for all N positions at once (a few ops in all, not
         # ~20 per step). h = o tanh(c) and c = f c_{t−1} + i g with σ' = σ(1 − σ), tanh' = 1 − tanh²:
@@ -565,7 +566,7 @@ class _TeacherForcedLoop(torch.autograd.Function):
             d_b_rec = d_fused_all.sum(dim=0)
         return (
             dh, dc, d_emb, d_keys if needs[3] else None, d_grid, d_w_ih, d_b_ih, d_w_rec, d_b_rec,
-            d_w.unsqueeze(0) if needs[9] else None, score_w.new_zeros(1) if needs[10] else None, None,
+            d_w.unsqueeze(0) if needs[9] else None, score_w.new_zeros(1) if needs[10] else None, None, None,
         )  # fmt: skip
 
 
@@ -835,7 +836,9 @@ class ShowAttendTellDecoder(CaptionDecoder):
 
         training = torch.is_grad_enabled()  # the hand-written loop; without autograd, ``_plain_loop``
         if training:  # the grid as given, even under autocast (``prepare`` casts it for decoding's words)
-            mem = AttentionMemory(grid=enc.grid, keys=self.attention.project_keys(enc.grid))  # once per image
+            half = enc.cached_grid  # the loop's attention reads it where the kernels do (LoopAttention)
+            half = half if half is not None and half.shape == enc.grid.shape and half.device == enc.grid.device else None
+            mem = AttentionMemory(grid=enc.grid, keys=self.attention.project_keys(enc.grid), half_grid=half)
         else:
             mem = self.prepare(enc)
         if image_index is not None:  # several captions per image: a row of grid and keys per caption
@@ -845,8 +848,11 @@ class ShowAttendTellDecoder(CaptionDecoder):
         else:
             image_of_row = order
         if image_of_row is not None:  # (B, L, ·) sorted
+            half = mem.half_grid if training else None  # (``_plain_loop`` reads the float32 grid)
             mem = AttentionMemory(
-                grid=mem.grid.index_select(0, image_of_row), keys=mem.keys.index_select(0, image_of_row)
+                grid=mem.grid.index_select(0, image_of_row),
+                keys=mem.keys.index_select(0, image_of_row),
+                half_grid=None if half is None else half.index_select(0, image_of_row),
             )
         h, c = self.init_state(mem)  # (B, H) each
 
@@ -891,7 +897,7 @@ class ShowAttendTellDecoder(CaptionDecoder):
             score = self.attention.score
             return _TeacherForcedLoop.apply(
                 h.to(dtype), c.to(dtype), emb.to(dtype), mem.keys.to(dtype), mem.grid.to(dtype),
-                self.cell.weight_ih, self.cell.bias_ih, weight, bias, score.weight, score.bias, plan,
+                self.cell.weight_ih, self.cell.bias_ih, weight, bias, score.weight, score.bias, plan, mem.half_grid,
             )  # fmt: skip
 
     def _plain_loop(

@@ -134,6 +134,8 @@ def kernels() -> ctypes.CDLL | None:
     lib.capattn_topk.restype = None
     lib.capattn_grid_times.argtypes = [_PTR] * 3 + [_LONG] * 3
     lib.capattn_grid_times.restype = None
+    lib.capattn_grid_times_half.argtypes = [_PTR] * 3 + [_LONG] * 3
+    lib.capattn_grid_times_half.restype = ctypes.c_int
     lib.capattn_tanh.argtypes = [_PTR, _PTR, _LONG]
     lib.capattn_tanh.restype = None
     lib.capattn_small_matmul_available.argtypes = []
@@ -307,8 +309,11 @@ def addmm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor | None:
     return _addmm(x, weight, bias)
 
 
-def _per_image(memory: Tensor, rows: Tensor, starts: Tensor | None, width: int) -> tuple[int, Tensor, int | None]:
-    """K, an empty output and the offsets' pointer for the kernels, after checking ``starts``.
+def _per_image(
+    memory: Tensor, rows: Tensor, starts: Tensor | None, width: int, out: Tensor | None = None
+) -> tuple[int, Tensor, int | None]:
+    """K, the output (``out``, else a new one) and the offsets' pointer for the kernels, after
+    checking ``starts`` and ``out``.
 
     ``rows`` are (B, K, ·), K per image of ``memory`` (B, L, ·): the output is (B, K, width), in
     ``rows``' dtype (a float16 grid's context is float32, as its α). With
@@ -316,13 +321,19 @@ def _per_image(memory: Tensor, rows: Tensor, starts: Tensor | None, width: int) 
     """
     batch = memory.shape[0]
     if starts is None:
-        return rows.shape[1], memory.new_empty(batch, rows.shape[1], width, dtype=rows.dtype), None
-    n = rows.shape[0]
-    if starts.dtype != torch.long or starts.device.type != "cpu" or starts.shape != (batch + 1,):
-        raise ValueError(f"starts must be a CPU int64 tensor of {batch + 1} row offsets, got {tuple(starts.shape)}")
-    if not starts.is_contiguous() or int(starts[0]) != 0 or int(starts[-1]) != n or bool((starts.diff() < 0).any()):
-        raise ValueError(f"starts must rise from 0 to the {n} rows, one offset per image and one past the last")
-    return 0, memory.new_empty(n, width, dtype=rows.dtype), _ptr(starts)
+        k, shape, ptr = rows.shape[1], (batch, rows.shape[1], width), None
+    else:
+        n = rows.shape[0]
+        if starts.dtype != torch.long or starts.device.type != "cpu" or starts.shape != (batch + 1,):
+            raise ValueError(f"starts must be a CPU int64 tensor of {batch + 1} row offsets, got {tuple(starts.shape)}")
+        if not starts.is_contiguous() or int(starts[0]) != 0 or int(starts[-1]) != n or bool((starts.diff() < 0).any()):
+            raise ValueError(f"starts must rise from 0 to the {n} rows, one offset per image and one past the last")
+        k, shape, ptr = 0, (n, width), _ptr(starts)
+    if out is None:
+        return k, memory.new_empty(shape, dtype=rows.dtype), ptr
+    if out.shape != shape or out.dtype != rows.dtype or out.device.type != "cpu" or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous CPU {rows.dtype} tensor of shape {shape}, got {tuple(out.shape)}")
+    return k, out, ptr
 
 
 def energy(keys: Tensor, query: Tensor, weight: Tensor, bias: float, starts: Tensor | None = None) -> Tensor:
@@ -376,23 +387,24 @@ def energy_backward(
 
 
 def context_reads(grid: Tensor) -> bool:
-    """Whether ``context`` takes this grid: CPU float32, or CPU float16 where the kernels convert it
-    (built with AVX2 and F16C, or AVX-512)."""
+    """Whether ``context`` and ``grid_times`` take this grid: CPU float32, or CPU float16 where the
+    kernels convert it (built with AVX2 and F16C, or AVX-512)."""
     if grid.dtype == torch.float16 and grid.device.type == "cpu" and not torch.compiler.is_compiling():
         return kernels() is not None and bool(kernels().capattn_half_available())
     return usable(grid)
 
 
-def context(grid: Tensor, alpha: Tensor, starts: Tensor | None = None) -> Tensor:
+def context(grid: Tensor, alpha: Tensor, starts: Tensor | None = None, *, out: Tensor | None = None) -> Tensor:
     """Σ_l α_l grid_l for each image's attention maps, without autograd.
 
-    (B, L, D), (B, K, L) → (B, K, D); with ``starts`` (see ``energy``), (B, L, D), (N, L) → (N, D).
-    The grid is float32, or float16 (``context_reads``): a float16 grid holding the same values
-    as a float32 one gives the same sums, to the bit, read at half the memory traffic.
+    (B, L, D), (B, K, L) → (B, K, D); with ``starts`` (see ``energy``), (B, L, D), (N, L) → (N, D);
+    written into ``out`` where given (contiguous). The grid is float32, or float16
+    (``context_reads``): a float16 grid holding the same values as a float32 one gives the same
+    sums, to the bit, read at half the memory traffic.
     """
     grid, alpha = grid.contiguous(), alpha.contiguous()
     (batch, locations, dim) = grid.shape
-    k, out, ptr = _per_image(grid, alpha, starts, dim)
+    k, out, ptr = _per_image(grid, alpha, starts, dim, out)
     args = (_ptr(grid), _ptr(alpha), _ptr(out), batch, k, locations, dim, ptr)
     if grid.dtype != torch.float16:
         kernels().capattn_context(*args)
@@ -402,11 +414,18 @@ def context(grid: Tensor, alpha: Tensor, starts: Tensor | None = None) -> Tensor
 
 
 def grid_times(grid: Tensor, vectors: Tensor) -> Tensor:
-    """Each image's grid times its own vector, without autograd: (b, L, D), (b, D) → (b, L)."""
+    """Each image's grid times its own vector, without autograd: (b, L, D), (b, D) → (b, L).
+
+    The grid is float32, or float16 (``context_reads``), with the same results for the same values.
+    """
     grid, vectors = grid.contiguous(), vectors.contiguous()
     (batch, locations, dim) = grid.shape
-    out = grid.new_empty(batch, locations)
-    kernels().capattn_grid_times(_ptr(grid), _ptr(vectors), _ptr(out), batch, locations, dim)
+    out = vectors.new_empty(batch, locations)
+    args = (_ptr(grid), _ptr(vectors), _ptr(out), batch, locations, dim)
+    if grid.dtype != torch.float16:
+        kernels().capattn_grid_times(*args)
+    elif kernels().capattn_grid_times_half(*args) != 0:
+        raise RuntimeError("capattn's kernels were built without float16 conversions (see context_reads)")
     return out
 
 
