@@ -34,6 +34,7 @@ from _common import (  # noqa: E402
     RESULTS,
     append_results,
     caption_batch,
+    encoder_output,
     features,
     interleaved,
     load_note,
@@ -137,12 +138,12 @@ def step_fns(
         loss = lambda: tutorial_loss(sat, enc.grid, tokens, lengths)  # noqa: E731
         return train_step(torch.optim.Adam(sat.parameters()), loss, bf16_on)
 
-    def ours(decoder, bf16_on=None, grouped_batch=False):  # Adam as configure_optimizers builds it at that precision
+    def ours(decoder, bf16_on=None, grouped_batch=False, feats=enc):  # Adam as configure_optimizers builds it
         adam = capattn_adam(decoder, "bf16-mixed" if bf16_on else "32-true")
         if grouped_batch:  # the same captions, 5 per image
             loss = capattn_loss(decoder, grouped, tokens, lengths, image_index)
         else:
-            loss = capattn_loss(decoder, enc, tokens, lengths)
+            loss = capattn_loss(decoder, feats, tokens, lengths)
         return train_step(adam, loss, bf16_on)
 
     fns = {
@@ -151,6 +152,8 @@ def step_fns(
         "capattn_grouped": ours(sat, grouped_batch=True),
         "capattn_torch": without_attention_kernels(ours(sat)),
         **({"capattn_mkl": without_small_matmuls(ours(sat))} if native.small_matmuls(enc.grid) else {}),
+        # an encoder's float32 output, without the cache's float16 grid beside it (which a CPU reads)
+        **({"capattn_fp32": ours(sat, feats=encoder_output(enc))} if enc.cached_grid is not None else {}),
         "show_tell": ours(st),
     }
     if bf16:
@@ -228,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             "capattn_grouped": sat_train_flops(lengths, d, images=images, **sizes),
             "capattn_torch": sat_train_flops(lengths, d, **sizes),
             "capattn_mkl": sat_train_flops(lengths, d, **sizes),
+            "capattn_fp32": sat_train_flops(lengths, d, **sizes),
             "show_tell": show_tell_train_flops(lengths, d, **sizes),
         }
         labels = {
@@ -239,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "capattn_torch": "SAT, capattn, no C kernels (CAPATTN_NATIVE=0)",
             "capattn_mkl": "SAT, capattn, per-word matmuls in MKL",
+            "capattn_fp32": "SAT, capattn, float32 features only (no cache)",
             "show_tell": "Show and Tell, capattn",
         }
         for name in ("tutorial", "capattn", "show_tell"):
@@ -300,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         f"benchmarks/tutorial.py, same parameters, same loss (checked). 'No C kernels': capattn's step "
         f"with its fused CPU attention kernels and small-matmul kernels off; 'per-word matmuls in MKL': the "
         f"small-matmul kernels alone off (the loop's matmuls of the captions still running, in torch's "
-        f"matmul). '{CAPTIONS_PER_IMAGE} captions per image': the same "
+        f"matmul). The features are as the feature cache hands them to the model (float16 values, with the "
+        f"float16 grid beside them, which capattn's loop reads for the attention on a CPU); 'float32 features "
+        f"only': an encoder's output, without the cache. '{CAPTIONS_PER_IMAGE} captions per image': the same "
         f"{batch} captions from fewer images, {CAPTIONS_PER_IMAGE} each (data.group_captions; as COCO and "
         f"Flickr8k have them): capattn projects each image's keys once for its captions, and its ratio is to "
         f"the same tutorial step (whose work does not depend on which images the rows show; its loss on "
