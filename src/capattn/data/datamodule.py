@@ -199,7 +199,8 @@ def collate(items: Sequence[Item], *, pad: int) -> CaptionBatch:
         tokens[row, : len(caption)] = torch.from_numpy(caption)
     features = None
     if pooled[0] is not None:
-        # fp16 as stored: half the host→device copy; on_after_batch_transfer makes it float32 on the device.
+        # fp16 as stored: half the host→device copy; on_after_batch_transfer makes it float32 on the device
+        # (on a CPU keeping the fp16 grid beside it: EncoderOutput.cached_grid).
         vectors = _stacked(pooled)  # (B, D)
         # (B, L, D); where the decoder reads no grid, the pooled vectors as a one-location grid (a view)
         features = EncoderOutput(grid=vectors.unsqueeze(1) if grids[0] is None else _stacked(grids), pooled=vectors)
@@ -587,7 +588,7 @@ class CaptionDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, CaptionBatch) and batch.features is not None and batch.features.grid.is_floating_point():
             grid = batch.features.grid  # (B, L, D) float16, as cached
-            # On a CPU the float16 grid rides along: decoding reads it for the context (EncoderOutput).
+            # On a CPU the float16 grid rides along: attention reads it, at half the traffic (EncoderOutput).
             cached = grid if grid.dtype == torch.float16 and grid.device.type == "cpu" else None
             features = EncoderOutput(grid=grid.float(), pooled=batch.features.pooled.float(), cached_grid=cached)
             batch = dataclasses.replace(batch, features=features)

@@ -47,8 +47,9 @@ class EncoderOutput:
         pooled: (B, D) global image vector (Vinyals et al.).
         cached_grid: (B, L, D) float16, the grid as the feature cache stores it, where a batch on a
             CPU came from the cache (``grid`` then holds the same values in float32); None
-            otherwise. Decoding on a CPU reads it for the context, half the memory traffic, with the
-            same results (``ShowAttendTellDecoder.prepare``). ``to`` leaves it out.
+            otherwise. Show, Attend and Tell's attention on a CPU reads it (decoding's context, the
+            training loop's context and α's gradient): half the memory traffic, the same results
+            bit for bit. ``to`` leaves it out.
     """
 
     grid: Tensor
