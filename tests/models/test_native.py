@@ -128,7 +128,8 @@ def test_context_reads_a_float16_grid_to_the_bit(build):
     """A grid of float16 values (as the feature cache stores them) read in float16 gives the float32
     grid's context bit for bit, K per image and with row offsets; the portable build cannot read it."""
     g = torch.Generator().manual_seed(2)
-    half = torch.randn(B, L, D, generator=g).half()  # D = 45: 16-, 8-lane and scalar parts; L = 11: 4-row blocks and single rows
+    # D = 45: 16-lane, 8-lane and scalar parts; L = 11: blocks of 4 grid rows and single rows
+    half = torch.randn(B, L, D, generator=g).half()
     grid, alpha = half.float(), torch.rand(B, K, L, generator=g).softmax(-1)
     if build == "portable":
         assert not native.context_reads(half) and native.context_reads(grid)

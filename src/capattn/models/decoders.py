@@ -837,7 +837,8 @@ class ShowAttendTellDecoder(CaptionDecoder):
         training = torch.is_grad_enabled()  # the hand-written loop; without autograd, ``_plain_loop``
         if training:  # the grid as given, even under autocast (``prepare`` casts it for decoding's words)
             half = enc.cached_grid  # the loop's attention reads it where the kernels do (LoopAttention)
-            half = half if half is not None and half.shape == enc.grid.shape and half.device == enc.grid.device else None
+            if half is not None and (half.shape != enc.grid.shape or half.device != enc.grid.device):
+                half = None
             mem = AttentionMemory(grid=enc.grid, keys=self.attention.project_keys(enc.grid), half_grid=half)
         else:
             mem = self.prepare(enc)
