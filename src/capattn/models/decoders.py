@@ -359,6 +359,14 @@ def _emulated_bf16_autocast(x: Tensor) -> bool:
 _COMPILED_STEP_GRAPHS = 32  # how many traces of the compiled decoding step torch may make (``compile_step``)
 
 
+def _cached_grid(enc: EncoderOutput) -> Tensor | None:
+    """``enc.cached_grid`` where it stands for ``enc.grid`` (same shape, same device), else None."""
+    half = enc.cached_grid
+    if half is None or half.shape != enc.grid.shape or half.device != enc.grid.device:
+        return None
+    return half
+
+
 def _owning(t: Tensor) -> Tensor:
     """``t`` itself if it is contiguous and owns its memory, else a contiguous copy (not a view)."""
     return t if t.is_contiguous() and not t._is_view() else t.clone(memory_format=torch.contiguous_format)
@@ -671,10 +679,8 @@ class ShowAttendTellDecoder(CaptionDecoder):
         # A step reads the whole grid for its context, at the speed of memory (greedy over 100
         # images at 196×2048: 5.1 ms a word from the float32 grid, 2.6-3.0 from the float16 one; the
         # same sums to the bit). On a GPU the context is a batched matmul, and autocast casts the grid.
-        half = enc.cached_grid
-        if half is None or self.compile_step or half.shape != grid.shape or not _cpu_decoding(grid):
-            half = None
-        elif not native.context_reads(half):
+        half = None if self.compile_step or not _cpu_decoding(grid) else _cached_grid(enc)
+        if half is not None and not native.context_reads(half):
             half = None
         return AttentionMemory(grid=grid, keys=keys, half_grid=half)
 
@@ -836,9 +842,7 @@ class ShowAttendTellDecoder(CaptionDecoder):
 
         training = torch.is_grad_enabled()  # the hand-written loop; without autograd, ``_plain_loop``
         if training:  # the grid as given, even under autocast (``prepare`` casts it for decoding's words)
-            half = enc.cached_grid  # the loop's attention reads it where the kernels do (LoopAttention)
-            if half is not None and (half.shape != enc.grid.shape or half.device != enc.grid.device):
-                half = None
+            half = _cached_grid(enc)  # the loop's attention reads it where the kernels do (LoopAttention)
             mem = AttentionMemory(grid=enc.grid, keys=self.attention.project_keys(enc.grid), half_grid=half)
         else:
             mem = self.prepare(enc)
