@@ -70,6 +70,7 @@ def ddp_run(tmp_path_factory) -> tuple[Path, dict]:
         "--trainer.precision=32",
         "--trainer.max_epochs=2",
         "--trainer.limit_train_batches=2",
+        "--trainer.log_every_n_steps=1",
         "--test_after_fit=true",
         *TINY,
         cwd=root,
@@ -104,6 +105,16 @@ def test_best_metrics_are_those_of_the_best_validation(ddp_run):
     assert best["monitor"] == "val/CIDEr-D" and best["score"] == pytest.approx(max(scores))
     assert best["metrics"]["val/CIDEr-D"] == pytest.approx(max(scores)) and "val/BLEU-4" in best["metrics"]
     assert best["checkpoint"] and Path(best["checkpoint"]).name.startswith(f"epoch{best['epoch']:02d}")
+
+
+def test_training_speed_counts_the_captions_of_both_ranks(ddp_run):
+    _, ddp = ddp_run
+    rows = [row for row in ddp["history"] if row.get("speed/captions_per_s")]
+    assert len(rows) == 4  # logged at every step: 2 epochs of 2 batches
+    for row in rows:
+        # captions/s × an epoch's seconds = the captions of an epoch: 2 batches of 4 on each of the 2 ranks
+        per_epoch = float(row["speed/captions_per_s"]) * float(row["speed/epoch_minutes"]) * 60
+        assert per_epoch == pytest.approx(2 * 2 * 4)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ at a random step of the first epoch.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -83,11 +85,26 @@ def uninterrupted(workdir) -> dict:
     return last_state(Path("U"), workdir)
 
 
+class Unhurried(L.Callback):
+    """Makes each step of epoch 0 last 0.3 s, before its last.ckpt is saved (Lightning runs checkpoint
+    callbacks last): these tiny steps take milliseconds, and a kill sent on seeing step k's file could
+    otherwise land after the epoch's last step."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.current_epoch == 0:
+            time.sleep(0.3)
+
+
 def kill_mid_epoch(root: Path, sig: signal.Signals, cwd: Path) -> tuple[int, int, str]:
     """Starts a fit and signals it once last.ckpt reaches a random step of epoch 0: (exit code, step, stderr)."""
     target = random.randint(2, STEPS_PER_EPOCH - 3)
     proc = subprocess.Popen(
-        [*FIT, f"--trainer.default_root_dir={root}"], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*FIT, f"--trainer.default_root_dir={root}", "--trainer.callbacks+=tests.test_resume.Unhurried"],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},  # Unhurried lives in tests/
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     ckpt = cwd / root / RUN / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 240
