@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from capattn.cli import main
+from capattn.report import read_run
 
 from .conftest import REPO_ROOT
 
@@ -141,3 +142,21 @@ def test_no_runs_is_one_clear_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["report", str(tmp_path)])
     assert "re-run `capattn test` for that run" in capsys.readouterr().err
+
+
+def test_speed_is_the_median_of_the_logged_speed_where_the_run_logged_it(runs, tmp_path):
+    (metrics_file, *_) = sorted(runs.rglob("metrics_test.json"))
+    estimated = read_run(metrics_file).throughput  # no speed logged (1 step an epoch): steps × batch / time
+    assert estimated is not None and estimated > 0
+    run = tmp_path / "run"
+    shutil.copytree(metrics_file.parent, run)
+    with (run / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row, speed in zip(rows, ["10", "", "40"]):  # as TrainingSpeed logs it, on some rows only
+        row["speed/captions_per_s"] = speed
+    with (run / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*rows[0].keys()])
+        writer.writeheader()
+        writer.writerows(rows)
+    assert len(rows) == 3
+    assert read_run(run / "metrics_test.json").throughput == 25.0

@@ -53,7 +53,9 @@ class Run:
         metrics: test scores keyed by metric name.
         info: the rest of ``metrics_test.json`` (params, train time, decoding …).
         curves: validation metric → [(epoch, value)], from ``metrics.csv``.
-        throughput: training captions per second (validation included), if it can be told.
+        throughput: training captions per second: the median of the run's logged ``speed/captions_per_s``
+            (``capattn.callbacks.TrainingSpeed``: all devices, validation left out), else estimated as
+            optimizer steps × batch size / train time (one device, validation included), if it can be told.
         figures: the attention figures the run wrote.
         mtime: when its metrics file was written.
     """
@@ -191,7 +193,10 @@ def _read_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def _throughput(run: Run, config: dict[str, Any]) -> float | None:
-    """Training captions per second: optimizer steps × batch size / train time (validation included)."""
+    """Training captions per second: the median logged speed, else optimizer steps × batch size / train time."""
+    logged = [float(v) for v in _column(run.path / "metrics.csv", "speed/captions_per_s")]
+    if logged:
+        return statistics.median(logged)
     steps = max((int(float(row)) for row in _column(run.path / "metrics.csv", "step")), default=0)
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
     batch_size = data.get("batch_size") if isinstance(data, dict) else None
