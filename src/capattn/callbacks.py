@@ -248,7 +248,7 @@ class TrainingSpeed(L.Callback):
     """Logs how fast a run trains, while it trains: captions and words per second, minutes per epoch.
 
     At each of the trainer's logging steps (``trainer.log_every_n_steps``) it logs, over the steps
-    since the last one:
+    since the last one (or since the epoch began):
 
     * ``speed/captions_per_s``: training captions per second, all devices together;
     * ``speed/words_per_s``: predicted words per second (each caption's words and its ``<eos>``);
