@@ -46,6 +46,7 @@ def test_figures_take_the_smallest_ids_numerically_when_ids_are_numbers():
 
 _CLOCK = [0.0]  # the fake clock TrainingSpeed reads in the test below
 _SEEN: list[tuple[int, int, int, int]] = []  # (epoch, global step after the batch, captions, predicted words)
+_VALIDATIONS: list[int] = []  # batches of each validation
 
 
 class Tick(L.Callback):
@@ -54,23 +55,28 @@ class Tick(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         _CLOCK[0] += 1.0
 
+    def on_validation_start(self, trainer, pl_module) -> None:
+        _VALIDATIONS.append(0)
+
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         _CLOCK[0] += 1000.0
+        _VALIDATIONS[-1] += 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         _SEEN.append((trainer.current_epoch, trainer.global_step, len(batch), int((batch.lengths - 1).sum())))
 
 
-def _speed_rows(run_dir: Path) -> list[dict[str, float]]:
+def _speed_rows(run_dir: Path, key: str) -> list[dict[str, float]]:
     with (run_dir / "metrics.csv").open(newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("speed/captions_per_s")]
-    return [{k: float(v) for k, v in r.items() if k.startswith("speed/") or k == "step"} for r in rows]
+        rows = [r for r in csv.DictReader(f) if r.get(key)]
+    return [{k: float(v) for k, v in r.items() if v and (k.startswith("speed/") or k == "step")} for r in rows]
 
 
-def test_training_speed_logs_captions_and_words_per_second_leaving_validation_out(tmp_path, monkeypatch):
+def test_training_speed_logs_training_rates_without_validation_and_each_validations_time(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(callbacks, "time", types.SimpleNamespace(perf_counter=lambda: _CLOCK[0]))
     _SEEN.clear()
+    _VALIDATIONS.clear()
     every = 4
     main([
         "fit", "--config", str(REPO_ROOT / "experiments" / "demo_show_tell.yaml"), *TINY_SHOW_TELL,
@@ -79,7 +85,7 @@ def test_training_speed_logs_captions_and_words_per_second_leaving_validation_ou
         "--trainer.callbacks+=tests.test_callbacks.Tick",
     ])  # fmt: skip
     (run_dir,) = {p.parent for p in Path("runs").rglob("metrics.csv")}
-    rows = _speed_rows(run_dir)
+    rows = _speed_rows(run_dir, "speed/captions_per_s")
     # What the log should hold: at every `every`-th step, the batches since the last such step of the same
     # epoch, each 1 s long on the fake clock. Validation ran twice an epoch, 1,000 s a batch: left out.
     per_epoch = sum(1 for epoch, *_ in _SEEN if epoch == 0)
@@ -99,4 +105,7 @@ def test_training_speed_logs_captions_and_words_per_second_leaving_validation_ou
             interval = []
     assert len(expected) >= 4 and per_epoch % every != 0  # intervals cut short by an epoch's end are covered
     assert rows == [pytest.approx(e) for e in expected]
-    assert _CLOCK[0] > 1000  # validation did advance the clock
+    # Each validation's own time, 1,000 s a batch, logged after it.
+    validations = [row["speed/validation_minutes"] for row in _speed_rows(run_dir, "speed/validation_minutes")]
+    assert len(_VALIDATIONS) == 4 and all(_VALIDATIONS)
+    assert validations == pytest.approx([1000 * n / 60 for n in _VALIDATIONS])

@@ -254,6 +254,10 @@ class TrainingSpeed(L.Callback):
     * ``speed/words_per_s``: predicted words per second (each caption's words and its ``<eos>``);
     * ``speed/epoch_minutes``: the minutes an epoch takes at that rate.
 
+    After each validation inside a fit it logs ``speed/validation_minutes``: how long that validation
+    took, decoding and scoring included (validation's hooks and the metrics' logging; not the
+    checkpoint saved after it).
+
     Wall time counts everything a training epoch waits for (loading batches, moving them to the device,
     logging, saving checkpoints) except validation, which is left out. On a GPU the clock is read after
     the device has finished its queued work, at the logging steps only, so the steps between run as
@@ -287,9 +291,14 @@ class TrainingSpeed(L.Callback):
             self._validation_start = time.perf_counter()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._validation_start is not None:
-            self._paused += time.perf_counter() - self._validation_start
-            self._validation_start = None
+        if self._validation_start is None:
+            return
+        seconds = time.perf_counter() - self._validation_start
+        self._paused += seconds
+        self._validation_start = None
+        if not trainer.sanity_checking:  # straight to the loggers: Lightning's self.log ends before this hook
+            for logger in trainer.loggers:
+                logger.log_metrics({"speed/validation_minutes": seconds / 60}, step=trainer.global_step)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
