@@ -152,11 +152,12 @@ def test_speed_is_the_median_of_the_logged_speed_where_the_run_logged_it(runs, t
     shutil.copytree(metrics_file.parent, run)
     with (run / "metrics.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
-    for row, speed in zip(rows, ["10", "", "40"]):  # as TrainingSpeed logs it, on some rows only
-        row["speed/captions_per_s"] = speed
+    speeds = ["10", "", "40"]  # as TrainingSpeed logs it, on some rows only
+    for i, row in enumerate(rows):
+        row["speed/captions_per_s"] = speeds[i] if i < len(speeds) else ""
     with (run / "metrics.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*rows[0].keys()])
         writer.writeheader()
         writer.writerows(rows)
-    assert len(rows) == 3
+    assert len(rows) >= 3
     assert read_run(run / "metrics_test.json").throughput == 25.0

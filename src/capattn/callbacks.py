@@ -296,9 +296,10 @@ class TrainingSpeed(L.Callback):
         seconds = time.perf_counter() - self._validation_start
         self._paused += seconds
         self._validation_start = None
-        if not trainer.sanity_checking:  # straight to the loggers: Lightning's self.log ends before this hook
-            for logger in trainer.loggers:
-                logger.log_metrics({"speed/validation_minutes": seconds / 60}, step=trainer.global_step)
+        if not trainer.sanity_checking:
+            # Through Lightning's logger connector, as its own ThroughputMonitor logs (self.log is closed by
+            # this hook): the epoch and step that the validation's metrics were logged with.
+            trainer._logger_connector.log_metrics({"speed/validation_minutes": seconds / 60})
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
