@@ -281,6 +281,7 @@ class TrainingSpeed(L.Callback):
         self._counts = torch.zeros(2, dtype=torch.long, device=pl_module.device)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # (a run resumed in the middle of an epoch gets no on_train_epoch_start for that epoch)
         self._restart(pl_module)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -304,8 +305,6 @@ class TrainingSpeed(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._counts is None:
-            self._restart(pl_module)
         # A caption of length n (<bos> and <eos> counted) predicts n − 1 words. Summed on the device, so
         # that no batch waits for the sum.
         self._counts[0] += len(batch)
